@@ -1,0 +1,396 @@
+"""Tests for RINS. Every test checks against an independent computation: a schedule written out
+by hand, a naive attention loop, an uncached forward, a closed-form count or distribution.
+
+Run: python -m pytest -q test_rins.py
+"""
+
+import math
+import random
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rins
+from rins import GPT, GPTConfig, layer_schedule
+
+
+def tiny_config(**kw):
+    base = dict(block_size=32, vocab_size=37, n_layer=4, n_head=2, n_embd=16, dropout=0.0, bias=True)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPT(tiny_config(**kw))
+
+# -----------------------------------------------------------------------------
+# signatures and schedules (RINS.md §2)
+
+A, B = list(range(0, 6)), list(range(6, 12))          # halves of 12 layers
+A3, B3, C3 = list(range(0, 4)), list(range(4, 8)), list(range(8, 12))  # thirds
+
+HAND_SCHEDULES = {
+    "AB": A + B,
+    "A2B": A + A + B,
+    "AAB": A + A + B,
+    "A3B": A + A + A + B,
+    "ABAB": A + B + A + B,
+    "AB3": A + B + B + B,
+    "ABC": A3 + B3 + C3,
+    "A2B2C": A3 + A3 + B3 + B3 + C3,
+    # degree 2: A3B inside each half. A' = [0,1,2]x3 + [3,4,5], B' = [6,7,8]x3 + [9,10,11]
+    "(A3B)2": ([0, 1, 2] * 3 + [3, 4, 5]) * 3 + [6, 7, 8] * 3 + [9, 10, 11],
+    "(AB)2": list(range(12)),
+    "(A3B)1": A + A + A + B,
+    "BA": B + A,
+}
+
+
+@pytest.mark.parametrize("signature", HAND_SCHEDULES)
+def test_schedule_matches_hand_expansion(signature):
+    assert layer_schedule(signature, 12) == HAND_SCHEDULES[signature]
+
+
+def test_schedule_degree_3_by_hand():
+    # (AB)3 over 8 layers: each level halves, so it is the plain order; (A2B)3: recursion at every level
+    assert layer_schedule("(AB)3", 8) == list(range(8))
+    # degree 1 on [a, b] is [a, a, b]; degree 2 on [0..3] is that on [0, 1] twice, then on [2, 3]
+    d2_low = [0, 0, 1, 0, 0, 1, 2, 2, 3]
+    d2_high = [4, 4, 5, 4, 4, 5, 6, 6, 7]
+    assert layer_schedule("(A2B)3", 8) == d2_low + d2_low + d2_high
+
+
+BAD_SIGNATURES = [
+    ("", 0), ("   ", 0), ("AC", 1), ("B", 0), ("ABD", 2), ("A0B", 1), ("AB0", 2), ("3A", 0),
+    ("a3b", 0), ("A-B", 1), ("A B", 1), ("(AB", 0), ("AB)", 2), ("((AB))", 1), ("(AB)0", 4),
+    ("(AB)2C", 5), ("AB(A)2", 2), ("()2", 0), ("(A3B)2x", 6), ("A3B\n", 3),
+]
+
+
+@pytest.mark.parametrize("signature,position", BAD_SIGNATURES)
+def test_bad_signature_names_position(signature, position):
+    with pytest.raises(ValueError) as e:
+        layer_schedule(signature, 12)
+    assert f"position {position}" in str(e.value)
+
+
+def test_indivisible_n_layer_is_an_error():
+    for signature, n_layer in [("AB", 3), ("ABC", 8), ("(AB)2", 6), ("(A3B)3", 12)]:
+        with pytest.raises(ValueError, match="not divisible"):
+            layer_schedule(signature, n_layer)
+
+
+def test_fuzz_signatures_only_return_valid_schedules_or_raise_valueerror():
+    rng = random.Random(0)
+    alphabet = "AAABBBCD()0123 x"
+    valid = 0
+    for _ in range(5000):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+        try:
+            schedule = layer_schedule(s, 24)
+        except ValueError:
+            continue
+        valid += 1
+        # independent check: degree 1 signatures are just their letters' chunks concatenated
+        letters = "".join(c * int(n or 1) for c, n in re.findall(r"([A-Z])(\d*)", s))
+        k = len(set(letters))
+        assert set(schedule) == set(range(24))
+        if not s.startswith("(") or re.fullmatch(r"\(.*\)1?", s):
+            size = 24 // k
+            expected = [i for c in letters for i in range((ord(c) - 65) * size, (ord(c) - 64) * size)]
+            assert schedule == expected, s
+    assert valid > 100  # the fuzz reached valid strings too
+
+# -----------------------------------------------------------------------------
+# model: parameters, config validation
+
+def test_parameter_count_does_not_depend_on_signature():
+    counts = {s: tiny_model(signature=s, n_layer=12).get_num_params()
+              for s in ["AB", "A3B", "ABAB", "AB3", "(A3B)2", "ABC"]}
+    C, V, L = 16, 37, 12
+    # by hand: per layer 2 LayerNorms (4C) + qkv (3C^2+3C) + proj (C^2+C) + MLP (8C^2+5C); ln_f; tied wte
+    per_layer = 4 * C + 3 * C * C + 3 * C + C * C + C + 8 * C * C + 4 * C + C
+    assert set(counts.values()) == {L * per_layer + 2 * C + V * C}
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(n_embd=15), "divisible by n_head"), (dict(p_skip=1.5), "p_skip"), (dict(dropout=-0.1), "dropout"),
+    (dict(signature="A3C"), "position 2"), (dict(signature="ABC"), "not divisible"),
+    (dict(adapter_rank=99), "adapter_rank"), (dict(n_layer=0), "n_layer"),
+])
+def test_bad_config_is_rejected_at_construction(kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**kw)
+
+# -----------------------------------------------------------------------------
+# the forward pass against a naive loop written from RINS.md §2 and §6
+
+def naive_logits(model, idx, schedule, share_kv):
+    """Plain-loop GPT over a schedule: explicit attention, KV of a layer's first application."""
+    T, C, H = idx.size(1), model.config.n_embd, model.config.n_head
+    x = model.wte.weight[idx] + model.wpe.weight[:T]
+    mask = torch.ones(T, T).tril().bool()
+    first_kv = {}
+    for layer in schedule:
+        blk = model.transformer.h[layer]
+        h = F.layer_norm(x, (C,), blk.ln_1.weight, blk.ln_1.bias)
+        W, b = blk.attn.c_attn.weight, blk.attn.c_attn.bias
+        q = h @ W[:C].T + b[:C]
+        if share_kv and layer in first_kv:
+            k, v = first_kv[layer]
+        else:
+            k, v = h @ W[C:2 * C].T + b[C:2 * C], h @ W[2 * C:].T + b[2 * C:]
+            first_kv[layer] = (k, v)
+        heads = []
+        for i in range(H):
+            s = slice(i * C // H, (i + 1) * C // H)
+            att = (q[..., s] @ k[..., s].transpose(-1, -2)) / math.sqrt(C // H)
+            heads.append(att.masked_fill(~mask, float("-inf")).softmax(-1) @ v[..., s])
+        x = x + blk.attn.c_proj(torch.cat(heads, -1))
+        h = F.layer_norm(x, (C,), blk.ln_2.weight, blk.ln_2.bias)
+        x = x + blk.mlp.c_proj(F.gelu(blk.mlp.c_fc(h)))
+    x = F.layer_norm(x, (C,), model.transformer.ln_f.weight, model.transformer.ln_f.bias)
+    return x @ model.wte.weight.T
+
+
+@pytest.mark.parametrize("signature", ["AB", "A3B", "ABAB", "AB3", "(A3B)2"])
+@pytest.mark.parametrize("share_kv", [False, True])
+def test_forward_equals_naive_loop(signature, share_kv):
+    model = tiny_model(signature=signature, share_kv=share_kv).eval()
+    idx = torch.randint(0, 37, (2, 12), generator=torch.Generator().manual_seed(1))
+    logits, _ = model(idx, targets=idx)
+    expected = naive_logits(model, idx, layer_schedule(signature, 4), share_kv)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_share_kv_changes_the_function_of_recursive_models():
+    # later rounds attend with round-1 keys: for A3B that is a different model, for AB the same
+    idx = torch.randint(0, 37, (1, 10))
+    for signature, same in [("AB", True), ("A3B", False)]:
+        a = tiny_model(signature=signature).eval()
+        b = tiny_model(signature=signature, share_kv=True).eval()
+        assert torch.allclose(a(idx, idx)[0], b(idx, idx)[0]) == same
+
+# -----------------------------------------------------------------------------
+# inference depth: rounds (RINS.md §4)
+
+def copy_weights(src, dst):
+    missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
+    assert not unexpected and all("adapters" in k for k in missing)
+    return dst
+
+
+def test_rounds_equal_the_matching_signature():
+    # A3B run with 1 round is AB, with 5 rounds it is A5B, with the same weights
+    idx = torch.randint(0, 37, (2, 12))
+    a3b = tiny_model(signature="A3B").eval()
+    for rounds, signature in [(1, "AB"), (2, "A2B"), (3, "A3B"), (5, "A5B")]:
+        other = copy_weights(a3b, tiny_model(signature=signature)).eval()
+        torch.testing.assert_close(a3b(idx, idx, rounds=rounds)[0], other(idx, idx)[0])
+        assert a3b.transformer.applications == 2 * rounds + 2
+
+
+def test_rounds_on_late_block_and_without_recursive_block():
+    ab3 = tiny_model(signature="AB3").eval()
+    ab3(torch.zeros(1, 4, dtype=torch.long), rounds=2)
+    assert ab3.transformer.applications == 2 + 2 * 2
+    for signature in ["AB", "ABAB", "A2B2C"]:
+        with pytest.raises(ValueError, match="exactly one repeated block"):
+            tiny_model(signature=signature, n_layer=6)(torch.zeros(1, 4, dtype=torch.long), rounds=2)
+    with pytest.raises(ValueError, match="positive integer"):
+        tiny_model(signature="A3B")(torch.zeros(1, 4, dtype=torch.long), rounds=0)
+
+# -----------------------------------------------------------------------------
+# stochastic rounds (RINS.md §4)
+
+def test_executed_rounds_follow_binomial():
+    # A5B: rounds of A = 1 + Binomial(4, 1 - p_skip); chi-square against the exact pmf
+    p_skip, r, n = 0.3, 5, 4000
+    model = tiny_model(signature=f"A{r}B", p_skip=p_skip, n_layer=2).train()
+    model.transformer.skip_rng.manual_seed(0)
+    idx = torch.zeros(1, 2, dtype=torch.long)
+    counts = [0] * (r + 1)
+    for _ in range(n):
+        model(idx, idx)
+        counts[model.transformer.applications - 1] += 1  # 1 layer per A round, plus B
+    assert counts[0] == 0  # the first round always runs
+    pmf = [math.comb(r - 1, j - 1) * (1 - p_skip) ** (j - 1) * p_skip ** (r - j) for j in range(1, r + 1)]
+    chi2 = sum((counts[j] - n * pmf[j - 1]) ** 2 / (n * pmf[j - 1]) for j in range(1, r + 1))
+    assert chi2 < 18.5  # chi-square, 4 degrees of freedom: P(chi2 > 18.5) < 0.001
+
+
+def test_stochastic_expected_cost_matches_formula():
+    config = tiny_config(signature="A3B", p_skip=0.5)
+    model = GPT(config).train()
+    idx = torch.zeros(1, 2, dtype=torch.long)
+    total = 0
+    for _ in range(2000):
+        model(idx, idx)
+        total += model.transformer.applications
+    assert rins.expected_applications(config) == 2 + 2 * 0.5 * 2 + 2  # A, then 2 units at 1/2, then B
+    assert abs(total / 2000 - rins.expected_applications(config)) < 0.1
+
+
+def test_eval_mode_is_deterministic_and_runs_every_round():
+    model = tiny_model(signature="A3B", p_skip=0.9, dropout=0.1).eval()
+    idx = torch.randint(0, 37, (2, 12))
+    first = model(idx, idx)[0]
+    for _ in range(5):
+        assert torch.equal(model(idx, idx)[0], first)
+        assert model.transformer.applications == 8
+
+
+def test_p_skip_one_is_the_baseline():
+    idx = torch.randint(0, 37, (2, 12))
+    a3b = tiny_model(signature="A3B", p_skip=1.0).train()
+    ab = copy_weights(a3b, tiny_model(signature="AB")).train()
+    torch.testing.assert_close(a3b(idx, idx)[0], ab(idx, idx)[0])
+
+# -----------------------------------------------------------------------------
+# adapters (RINS.md §5)
+
+def test_adapters_start_as_identity():
+    idx = torch.randint(0, 37, (2, 12))
+    plain = tiny_model(signature="A3B").eval()
+    with_adapters = copy_weights(plain, tiny_model(signature="A3B", adapters=True, adapter_rank=4)).eval()
+    assert len(with_adapters.transformer.adapters) == 3  # one per round of A
+    assert torch.equal(plain(idx, idx)[0], with_adapters(idx, idx)[0])
+    for rounds in (1, 3, 4):
+        assert torch.equal(plain(idx, idx, rounds=rounds)[0], with_adapters(idx, idx, rounds=rounds)[0])
+
+
+def test_adapters_learn():
+    model = tiny_model(signature="A3B", adapters=True, adapter_rank=4).train()
+    idx = torch.randint(0, 37, (2, 12))
+    model(idx, idx)[1].backward()
+    for a in model.transformer.adapters:
+        assert a.up.weight.grad.abs().sum() > 0  # zero-init up, random down: gradient flows
+
+
+def test_adapters_under_one_percent_at_gpt2_small():
+    for signature in ["A3B", "A2B", "ABAB", "A4B"]:
+        with torch.device("meta"):
+            model = GPT(GPTConfig(signature=signature, adapters=True))  # GPT-2 small: 12 x 768
+        n_adapters = len(rins.signature_units(signature, 12)) - 1
+        fraction = model.num_adapter_params() / model.get_num_params()
+        assert 0.004 < fraction < 0.01, (signature, fraction)
+        assert len(model.transformer.adapters) == n_adapters
+    with torch.device("meta"):
+        small = GPT(GPTConfig(n_layer=20, n_embd=8, n_head=2, signature="A2B", adapters=True))
+    assert small.transformer.adapters[0].down is None  # d x d fits the budget: full rank
+
+# -----------------------------------------------------------------------------
+# KV cache and generation (RINS.md §6)
+
+@pytest.mark.parametrize("signature", ["AB", "A3B", "ABAB", "(A3B)2"])
+@pytest.mark.parametrize("share_kv", [False, True])
+def test_cached_logits_equal_uncached(signature, share_kv):
+    model = tiny_model(signature=signature, share_kv=share_kv).eval()
+    idx = torch.randint(0, 37, (2, 20), generator=torch.Generator().manual_seed(2))
+    cache = model.new_cache()
+    logits, _ = model(idx[:, :5], cache=cache)           # prompt
+    torch.testing.assert_close(logits, model(idx[:, :5])[0], atol=1e-5, rtol=1e-5)
+    for t in range(5, 20):                                 # then one token at a time
+        logits, _ = model(idx[:, t:t + 1], cache=cache)
+        torch.testing.assert_close(logits, model(idx[:, :t + 1])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_bytes():
+    sizes = {}
+    for signature, share_kv in [("AB", False), ("A3B", False), ("A3B", True), ("(A3B)2", True), ("ABAB", False)]:
+        model = tiny_model(signature=signature, share_kv=share_kv).eval()
+        cache = model.new_cache()
+        model(torch.zeros(3, 4, dtype=torch.long), cache=cache)
+        sizes[signature, share_kv] = cache.nbytes
+    # by hand: n_layer slots x (k and v) x batch 3 x block_size 32 x n_embd 16 x 4 bytes
+    assert sizes["AB", False] == 4 * 2 * 3 * 32 * 16 * 4
+    assert sizes["A3B", False] == 2 * sizes["AB", False]  # A = half the layers, 3 rounds: 2x
+    assert sizes["ABAB", False] == 2 * sizes["AB", False]
+    assert sizes["A3B", True] == sizes["(A3B)2", True] == sizes["AB", False]
+
+
+def test_generate_with_cache_equals_without_also_past_block_size():
+    for signature, share_kv, rounds in [("A3B", False, 2), ("A3B", True, 4), ("ABAB", False, None)]:
+        model = tiny_model(signature=signature, share_kv=share_kv).eval()
+        prompt = torch.randint(0, 37, (2, 3))
+        out = {}
+        for use_cache in (True, False):
+            torch.manual_seed(7)
+            out[use_cache] = model.generate(prompt, 40, top_k=10, use_cache=use_cache, rounds=rounds)
+        assert out[True].shape == (2, 43)  # 43 > block_size 32
+        assert torch.equal(out[True], out[False])
+
+
+def test_cache_needs_eval_mode():
+    model = tiny_model(signature="A3B", p_skip=0.5).train()
+    with pytest.raises(ValueError, match="eval"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=model.transformer.new_cache())
+
+# -----------------------------------------------------------------------------
+# compute accounting (RINS.md §3)
+
+def test_expected_applications_and_steps_by_hand():
+    for signature, length, steps in [("AB", 12, 600), ("A2B", 18, 400), ("A3B", 24, 300),
+                                     ("ABAB", 24, 300), ("(A3B)2", 48, 150), ("AB3", 24, 300)]:
+        config = GPTConfig(n_layer=12, signature=signature)
+        assert rins.expected_applications(config) == length
+        # budget: the baseline's 600 steps of 12 layers x 1000 tokens
+        assert rins.steps_for_budget(600 * 12 * 1000, config, 1000) == steps
+    # stochastic A3B with p_skip = 0.5: A + 2 x 1/2 A + B = 18 layers
+    assert rins.expected_applications(GPTConfig(n_layer=12, signature="A3B", p_skip=0.5)) == 18
+
+
+def test_flops_per_token_counts_executed_applications():
+    C, V, T = 16, 37, 12
+    per_layer = 12 * C * C + 13 * C
+    idx = torch.zeros(1, T, dtype=torch.long)
+    for signature, kw, apps, reuses in [("AB", {}, 4, 0), ("A3B", {}, 8, 0), ("A3B", dict(share_kv=True), 8, 4)]:
+        model = tiny_model(signature=signature, **kw).eval()
+        model(idx)
+        assert model.flops_per_token(T) == 6 * (per_layer * apps - 2 * C * C * reuses + V * C) + 12 * C * T * apps
+    model(idx, rounds=1)
+    assert model.flops_per_token(T) == 6 * (per_layer * 4 + V * C) + 12 * C * T * 4
+    assert rins.peak_flops("cpu") is None
+
+# -----------------------------------------------------------------------------
+# training
+
+@pytest.mark.parametrize("signature", ["AB", "A3B"])
+def test_loss_decreases_on_tiny_batch(signature):
+    model = tiny_model(signature=signature).train()
+    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.99), "cpu")
+    idx = torch.randint(0, 37, (4, 16), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for _ in range(60):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > math.log(37) - 0.3  # starts near chance
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def test_compiled_blocks_do_not_recompile_per_stochastic_step():
+    # RINS.md §4 draws a new set of rounds each step; compiling the blocks (not the walk) keeps
+    # one graph per call pattern instead of one per draw. aot_eager checks guards without codegen.
+    import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounter
+    dynamo.reset()
+    counter = CompileCounter()
+    model = tiny_model(signature="A3B", p_skip=0.5, share_kv=True).train()
+    eager = tiny_model(signature="A3B", p_skip=0.5, share_kv=True).train()
+    for block in model.transformer.h:
+        block.compile(backend=counter)
+    idx = torch.randint(0, 37, (2, 12))
+    for step in range(12):
+        eager.transformer.skip_rng.set_state(model.transformer.skip_rng.get_state())
+        loss, eager_loss = model(idx, idx)[1], eager(idx, idx)[1]
+        loss.backward()
+        torch.testing.assert_close(loss, eager_loss)
+    # a block is called with and without shared K, V: at most two graphs, whatever was drawn
+    assert 1 <= counter.frame_count <= 2
+    dynamo.reset()
