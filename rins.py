@@ -411,7 +411,7 @@ class GPT(nn.Module):
     def new_cache(self, rounds=None):
         return self.transformer.new_cache(rounds)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, rounds=None, use_cache=True):
         """Sample max_new_tokens after idx (B, T), with a KV cache unless use_cache=False.
 

