@@ -19,16 +19,20 @@ Data, all offline:
            (shape, colour) combinations; the "unseen" test split holds only those, classified
            among all combinations, so it measures generalisation through text.
 
-CPU default (about 10 minutes on 2 cores: 3 SigLIP runs + 3 controls, one seed):
+CPU default (6 minutes on 2 cores: SigLIP and control for AB, A3B, A3B@0.5, seed 0):
   python eval_siglip.py
-Sweep for the README (3 seeds; the compositional set with --dataset shapes):
+Sweep (3 seeds, 3x as long; --dataset shapes for the compositional set):
   python eval_siglip.py --seeds 0,1,2
   python eval_siglip.py --dataset shapes --seeds 0,1,2
-Larger GPU setting:
-  python eval_siglip.py --device cuda --n-layer 8 --n-head 6 --n-embd 384 --patch 4 \\
-      --batch-size 1024 --steps 4000 --lr 5e-4 --variants AB,A2B,A3B,A3B@0.5 --seeds 0,1,2
-Results: results/siglip/<dataset>.csv and .json (and .png with matplotlib); finished runs are
-checkpointed under out/siglip/ and reused when the same run is asked for again.
+Larger GPU setting (8 layers of width 256, 49 patches of 4x4, 8x the examples: 13 epochs), untested:
+  python eval_siglip.py --device cuda --n-layer 8 --n-head 8 --n-embd 256 --patch 4 \\
+      --batch-size 128 --steps 6000 --variants AB,A2B,A3B,A3B@0.5 --seeds 0,1,2
+Results: results/siglip/<dataset>.csv and .json (and .png with matplotlib); every finished run
+is checkpointed under out/siglip/ and reused when the same run is asked for again.
+
+Batch 64 by default: with ten distinct captions, the loss first pulls every embedding to one
+point (all pairs at the same logit) and only then separates the classes; in our runs smaller
+batches left that plateau after far fewer examples than batches of 256.
 """
 
 import argparse
@@ -78,11 +82,11 @@ def held_out(shape, colour):
 
 # -----------------------------------------------------------------------------
 # Data: every dataset is a dict with
-#   train: (images uint8 (N, C, H, W), labels (N,), variants (N,))
+#   train: (images uint8 (N, C, H, W), labels (N,), phrases (N,))
 #   tests: {split name: (images, labels)}
-#   descriptions: per class, a list of phrases; a training caption is one training template
-#     around descriptions[label][variant]; a class's zero-shot prompt embedding is the mean over
-#     all its descriptions x EVAL_TEMPLATES.
+#   descriptions: per class, a list of phrases; a training caption is a training template around
+#     descriptions[label][phrase]; a class's zero-shot prompt embedding is the mean over all its
+#     phrases x EVAL_TEMPLATES.
 
 def load_dataset(name, data_dir):
     if name == "fashion":
@@ -96,9 +100,9 @@ def read_idx(path):
     """An IDX file (the MNIST format) as a numpy array; gzipped if the name ends in .gz."""
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         raw = f.read()
-    ndim = raw[3]  # magic: two zero bytes, dtype code 0x08 (uint8), number of dimensions
-    if raw[:3] != b"\x00\x00\x08":
+    if raw[:3] != b"\x00\x00\x08":  # magic: two zero bytes, dtype code 0x08 (uint8), then ndim
         raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
     shape = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4)
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
@@ -216,7 +220,7 @@ class ImageTower(nn.Module):
         self.patch_embed = nn.Linear(in_chans * patch * patch, config.n_embd)
         self.pos = nn.Parameter(torch.zeros(1, self.n_patches, config.n_embd))
         self.transformer = rins.Transformer(config)
-        self.proj = nn.Linear(config.n_embd, out_dim, bias=False)
+        self.proj = nn.Linear(config.n_embd, out_dim)
         # rounds sets the recursive block (RINS.md §4); a tower without one runs its whole schedule
         self.has_rounds = has_recursive_block(config.signature)
 
@@ -238,7 +242,7 @@ class TextTower(nn.Module):
         self.wte = nn.Embedding(vocab_size, config.n_embd)
         self.pos = nn.Parameter(torch.zeros(1, length, config.n_embd))
         self.transformer = rins.Transformer(config)
-        self.proj = nn.Linear(config.n_embd, out_dim, bias=False)
+        self.proj = nn.Linear(config.n_embd, out_dim)
         self.has_rounds = has_recursive_block(config.signature)
 
     def forward(self, tokens, rounds=None):
@@ -355,7 +359,7 @@ def train(model, towers, task, data, tokens, budget, args, seed, desc):
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    images, labels, variants = (t.to(args.device) for t in data["train"])
+    images, labels, phrases = (t.to(args.device) for t in data["train"])
     train_tokens = tokens[0].to(args.device)
     gen = torch.Generator(device=args.device).manual_seed(seed)
     model.train()
@@ -369,7 +373,7 @@ def train(model, towers, task, data, tokens, budget, args, seed, desc):
             if task == "siglip":
                 # a fresh training template for every example at every step
                 template = torch.randint(len(TRAIN_TEMPLATES), (args.batch_size,), generator=gen, device=args.device)
-                loss = model(images[idx], train_tokens[labels[idx], variants[idx], template])
+                loss = model(images[idx], train_tokens[labels[idx], phrases[idx], template])
             else:
                 loss = F.cross_entropy(model(images[idx]), labels[idx])
         opt.zero_grad(set_to_none=True)
@@ -379,7 +383,7 @@ def train(model, towers, task, data, tokens, budget, args, seed, desc):
         step += 1
         curve.append(round(loss.item(), 4))
         bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=curve[-1])
     bar.close()
     return {"steps": step, "planned_steps": steps, "cost": cost, "target": target,
             "epochs": step * args.batch_size / len(labels)}, curve
@@ -394,7 +398,10 @@ def evaluate(model, task, data, tokens, rounds, device, batch=1000):
         prompt_emb = model.text(prompts.flatten(0, 1), rounds).view(*prompts.shape[:2], -1)
         class_emb = class_embeddings(prompt_emb.float())
     scores = {}
+    trained = set(data["train"][1].tolist())
     for split, (images, labels) in data["tests"].items():
+        if task == "control" and not set(labels.tolist()) <= trained:
+            continue  # a classifier can only name classes it was trained on (shapes: no "unseen" split)
         preds = []
         for chunk in images.split(batch):
             chunk = chunk.to(device)
@@ -460,6 +467,7 @@ def summarise(rows):
 
 
 def format_table(summary, chance):
+    """The summary as text: one table per (task, metric), a row per variant, columns 1x and full."""
     lines = []
     for task, metric in dict.fromkeys((s["task"], s["metric"]) for s in summary):
         lines.append(f"\n{task} {metric} (chance {chance:.3f}; mean ± std over seeds)")
@@ -544,11 +552,11 @@ def parse_args(argv):
                    help="tower(s) that get the variant's signature; the other runs AB [our choice: image]")
     p.add_argument("--tasks", default="siglip,control", help="siglip, control (vision-only classifier), or both")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    p.add_argument("--steps", type=int, default=1000, help="steps of the baseline AB; sets every run's compute budget")
+    p.add_argument("--steps", type=int, default=1500, help="steps of the baseline AB; sets every run's compute budget")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--n-embd", type=int, default=64)
     p.add_argument("--patch", type=int, default=7, help="patch side in pixels; must divide 28")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -564,7 +572,11 @@ def setup(args):
     for name, (signature, p_skip) in variants.items():
         rins.GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                        signature=signature, p_skip=p_skip)  # raises ValueError naming the problem
+    if not re.fullmatch(r"\d+(,\d+)*", args.seeds):
+        raise ValueError(f"--seeds {args.seeds!r}: write comma-separated integers, e.g. 0,1,2")
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.steps < 1 or args.batch_size < 1:
+        raise ValueError(f"--steps and --batch-size must be positive, got {args.steps} and {args.batch_size}")
     tasks = args.tasks.split(",")
     if not set(tasks) <= {"siglip", "control"}:
         raise ValueError(f"--tasks {args.tasks!r}: choose from siglip, control")
@@ -597,6 +609,7 @@ def main(argv=None):
     table = format_table(summary, 1 / n_classes)
     print(table)
     save_atomic({"args": vars(args), "torch": torch.__version__, "device": args.device,
+                 "cpu_threads": torch.get_num_threads(),
                  "rows": rows, "summary": summary, "table": table, "loss_curves": curves}, out + ".json", write_json)
     plot(summary, 1 / n_classes, out + ".png")
 
