@@ -288,15 +288,9 @@ def zero_shot_predict(image_emb, class_emb):
 
 
 def init_weights(model, n_layer):
-    """GPT-2 initialisation, as rins.GPT: N(0, 0.02), zero biases, residual projections scaled down."""
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
+    """rins.init_gpt2 (GPT-2 initialisation, adapters at identity), and N(0, 0.02) positions."""
+    rins.init_gpt2(model, n_layer)
     for name, p in model.named_parameters():
-        if name.endswith("c_proj.weight"):
-            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
         if name.endswith("pos"):
             nn.init.normal_(p, mean=0.0, std=0.02)
 

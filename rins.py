@@ -347,6 +347,22 @@ def adapter_rank(d, n_adapters, n_params):
     return d if d * d <= budget else max(1, int(budget // (2 * d)))
 
 
+def init_gpt2(model, n_layer):
+    """GPT-2 initialisation: N(0, 0.02) weights, zero biases, residual projections scaled by
+    1/sqrt(2 n_layer) (GPT-2 paper); adapters zeroed so they start as the identity (RINS.md §5)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            torch.nn.init.zeros_(m.bias)
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+    for m in model.modules():
+        if isinstance(m, Adapter):
+            torch.nn.init.zeros_(m.up.weight)
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -358,21 +374,7 @@ class GPT(nn.Module):
         self.transformer = Transformer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
-        self.apply(self._init_weights)
-        # GPT-2: scaled init of the residual projections, per the GPT-2 paper
-        for pn, p in self.named_parameters():
-            if pn.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        for a in self.transformer.adapters:
-            torch.nn.init.zeros_(a.up.weight)  # zero-init: adapters start as the identity (RINS.md §5)
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        init_gpt2(self, config.n_layer)
 
     def get_num_params(self, non_embedding=True):
         """Parameters of the model without the adapters; the same for every signature.
