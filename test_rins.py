@@ -597,6 +597,32 @@ def test_scaling_law_fit_recovers_known_parameters():
     assert fit["c"] == pytest.approx(0.3, rel=0.1) and fit["eps_inf"] == pytest.approx(1.5, rel=0.02)
 
 # -----------------------------------------------------------------------------
+# --report: results again from the run files of several invocations
+
+
+def test_report_joins_runs_of_several_invocations_and_filters(data_dir, tmp_path, capsys):
+    run_train(data_dir, tmp_path, "--variants", "AB", "--seeds", "0,1", "--budget_steps", "8")
+    ab_rows = open(tmp_path / "results.csv").read().splitlines()
+    run_train(data_dir, tmp_path, "--variants", "A2B", "--budget_steps", "8")
+    a2b_rows = open(tmp_path / "results.csv").read().splitlines()
+    assert len(ab_rows) == 1 + 2 and len(a2b_rows) == 1 + 3  # each invocation wrote only its own runs
+
+    records = train.main(["--report", str(tmp_path)])  # every variant, in alphabetical order
+    assert open(tmp_path / "results.csv").read().splitlines() == a2b_rows + ab_rows[1:]
+    assert [r["run"]["name"] for r in records] == ["A2B_b8_s0", "AB_b8_s0", "AB_b8_s1"]
+
+    capsys.readouterr()
+    train.main(["--report", str(tmp_path), "--variants", "AB", "--plot", str(tmp_path / "ab.png")])
+    table = capsys.readouterr().out
+    losses = [r["evals"][0]["val_loss"] for r in records[1:]]
+    mean, std = sum(losses) / 2, abs(losses[0] - losses[1]) / 2 ** 0.5  # sample std of two values
+    assert f"{mean:.4f} ± {std:.4f}" in table and "A2B" not in table
+    assert len(open(tmp_path / "results.csv").read().splitlines()) == 1 + 2 + 3  # a subset leaves the files
+
+    with pytest.raises(SystemExit, match="no finished runs of ABAB"):
+        train.main(["--report", str(tmp_path), "--variants", "AB,ABAB"])
+
+# -----------------------------------------------------------------------------
 # sampling
 
 

@@ -7,6 +7,7 @@ nanoGPT's train.py, with the budget counted in executed layer applications x tok
     python train.py --variants "AB,A2B,A3B,ABAB,(A3B)2,A3B:p_skip=0.5:adapters=1,AB:block_size=512:batch_size=8" \\
         --budget_steps 1000,2000 --seeds 0,1,2 --out_dir results/sweep
     python train.py --sample --ckpt out/A3B_b1200_s0/ckpt.pt --rounds 1
+    python train.py --report results/lm --variants AB,A3B --plot a3b.png   # tables again, no training
     torchrun --standalone --nproc_per_node=8 train.py ...       # DDP: NCCL on GPUs, gloo on CPU
 
 A variant is a signature with optional overrides "SIG:key=value:..." (keys: VARIANT_KEYS), so
@@ -18,10 +19,13 @@ at several inference depths (rounds 1, r, r+1 for the A^rB family).
 
 Outputs in --out_dir: <run>/ckpt.pt and <run>/run.json per run; results.csv and results.json
 (one row per run x eval depth), curves.json (val loss vs cost), loss_vs_cost.png (if matplotlib).
+--report DIR rebuilds them from the run.json files in DIR, e.g. after runs on several machines;
+with --variants it prints and plots only those, leaving DIR's results files as they are.
 """
 
 import argparse
 import csv
+import glob
 import json
 import math
 import os
@@ -55,6 +59,7 @@ def parse_args(argv=None):
     mode.add_argument("--compare", action="store_true", help=f"train --variants (default {CPU_DEFAULT_VARIANTS})")
     mode.add_argument("--sample", action="store_true", help="generate text from --ckpt")
     mode.add_argument("--bench", action="store_true", help="measure speed side by side (no data needed)")
+    mode.add_argument("--report", metavar="DIR", help="tables and plot again from the finished runs in DIR")
     # data
     p.add_argument("--dataset", default="shakespeare_char", help="a folder under --data_dir made by data/prepare.py")
     p.add_argument("--data_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
@@ -94,6 +99,8 @@ def parse_args(argv=None):
     # system
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks")
+    # report
+    p.add_argument("--plot", help="--report: where to draw the plot (default DIR/loss_vs_cost.png)")
     # sampling
     p.add_argument("--ckpt", help="checkpoint to sample from")
     p.add_argument("--start", default="\n", help="prompt")
@@ -106,6 +113,7 @@ def parse_args(argv=None):
     p.add_argument("--bench_vocab", type=int, default=65, help="vocabulary of --bench models (65: char Shakespeare)")
     p.add_argument("--bench_repeats", type=int, default=10, help="timed rounds per measurement in --bench")
     args = p.parse_args(argv)
+    args.all_variants = args.report and not args.variants  # --report without --variants: every run in DIR
     if args.compare and not args.variants:
         args.variants = CPU_DEFAULT_VARIANTS
     args.variants = [v.strip() for v in (args.variants or variant_of_flags(args)).split(",")]
@@ -496,27 +504,35 @@ def result_rows(records):
 
 
 def summary_table(rows):
-    """Rows grouped over seeds: mean (± std with several seeds) of the val loss, per variant, budget and depth."""
+    """Rows grouped over seeds: mean (± std with several seeds) of the val loss and of the fitted law,
+    per variant, budget and depth. The spread of c and eps_inf over seeds is their uncertainty."""
     groups = {}
     for row in rows:
         groups.setdefault((row["variant"], row["budget_steps"], row["rounds"]), []).append(row)
-    mean = lambda g, k: statistics.fmean(r[k] for r in g) if all(r[k] is not None for r in g) else None
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)
     lines = [("variant", "budget", "rounds", "apps", "seeds", "steps", "tokens", "epochs", "val_loss",
               "c", "eps_inf", "wall_s", "MFU")]
     for (variant, budget, rounds), g in groups.items():
-        loss = fmt(mean(g, "val_loss"), ".4f")
-        if len(g) > 1:
-            loss += " ± " + format(statistics.stdev(r["val_loss"] for r in g), ".4f")
-        lines.append((variant, str(budget), fmt(rounds, "d"), str(g[0]["eval_applications"]), str(len(g)),
-                      fmt(mean(g, "steps"), ".0f"), fmt(mean(g, "tokens"), ".3g"), fmt(mean(g, "epochs"), ".3f"),
-                      loss, fmt(mean(g, "fit_c"), ".3f"), fmt(mean(g, "fit_eps_inf"), ".3f"),
-                      fmt(mean(g, "wall_s"), ".0f"), fmt(mean(g, "mfu"), ".1%")))
+        lines.append((variant, str(budget), "-" if rounds is None else str(rounds), str(g[0]["eval_applications"]),
+                      str(len(g)), mean_std(g, "steps", ".0f", std=False), mean_std(g, "tokens", ".3g", std=False),
+                      mean_std(g, "epochs", ".3f", std=False), mean_std(g, "val_loss", ".4f"),
+                      mean_std(g, "fit_c", ".3f"), mean_std(g, "fit_eps_inf", ".3f"),
+                      mean_std(g, "wall_s", ".0f", std=False), mean_std(g, "mfu", ".1%", std=False)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines)
 
 
-def write_results(out_dir, records):
+def mean_std(group, key, spec, std=True):
+    """'mean ± std' of a column over seeds ('-' where a run has no value)."""
+    values = [r[key] for r in group]
+    if any(v is None for v in values):
+        return "-"
+    text = format(statistics.fmean(values), spec)
+    if std and len(values) > 1:
+        text += " ± " + format(statistics.stdev(values), spec)
+    return text
+
+
+def write_results(out_dir, records, plot_path=None):
     rows = result_rows(records)
     os.makedirs(out_dir, exist_ok=True)
     write_atomic(os.path.join(out_dir, "results.json"), json.dumps(rows, indent=1))
@@ -529,12 +545,39 @@ def write_results(out_dir, records):
                                      budget_steps=r["run"]["train"]["budget_steps"], fit=r["fit"], points=r["curve"])
               for r in records}
     write_atomic(os.path.join(out_dir, "curves.json"), json.dumps(curves, indent=1))
-    plot_curves(records, os.path.join(out_dir, "loss_vs_cost.png"))
+    plot_curves(records, plot_path or os.path.join(out_dir, "loss_vs_cost.png"))
     print(f"wrote {out_dir}/results.csv, results.json, curves.json")
 
 
+def report(args):
+    """Results files, table and plot again from the finished runs of a results folder, without training."""
+    paths = glob.glob(os.path.join(args.report, "*", "run.json"))
+    if not paths:
+        raise SystemExit(f"error: no finished runs (<run>/run.json) in {args.report}")
+    records = []
+    for path in paths:
+        with open(path) as f:
+            records.append(json.load(f))
+    variants = sorted({r["run"]["variant"] for r in records}) if args.all_variants else args.variants
+    missing = set(variants) - {r["run"]["variant"] for r in records}
+    if missing:
+        raise SystemExit(f"error: no finished runs of {', '.join(sorted(missing))} in {args.report}")
+    records = sorted((r for r in records if r["run"]["variant"] in variants),
+                     key=lambda r: (variants.index(r["run"]["variant"]), r["run"]["train"]["budget_steps"],
+                                    r["run"]["train"]["seed"]))
+    if args.all_variants:
+        write_results(args.report, records, args.plot)
+    else:  # a subset: DIR's results files keep every run
+        plot_curves(records, args.plot or os.path.join(args.report, "loss_vs_cost.png"))
+    print(summary_table(result_rows(records)))
+    return records
+
+
 def plot_curves(records, path):
-    """Val loss vs training cost, one colour per variant; needs the optional matplotlib."""
+    """Two panels, means over seeds (band and bars: ± std). Left: val loss vs training cost, one colour
+    per variant (with several budgets, one curve each). Right: final val loss vs inference cost, at each
+    evaluated depth: a recursive model run at rounds=1 sits at the baseline's cost (claim 3, "no regret"),
+    at rounds=r+1 beyond its training depth (claim 7). Needs the optional matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -542,17 +585,32 @@ def plot_curves(records, path):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib for loss_vs_cost.png)")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {}
+    groups = {}  # (variant, budget) -> the runs over seeds
     for r in records:
-        variant = r["run"]["variant"]
-        label = None if variant in colors else variant
-        color = colors.setdefault(variant, f"C{len(colors) % 10}")
-        ax.plot([p["cost"] for p in r["curve"]], [p["val_loss"] for p in r["curve"]], "o-", ms=3, color=color, label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("training cost (layer applications x tokens)")
-    ax.set_ylabel("validation loss")
-    ax.legend()
+        groups.setdefault((r["run"]["variant"], r["run"]["train"]["budget_steps"]), []).append(r)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    styles = {}
+    for (variant, budget), runs in groups.items():
+        label = None if variant in styles else variant
+        i = styles.setdefault(variant, len(styles))
+        style = dict(color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3])
+        n = min(len(r["curve"]) for r in runs)  # stochastic runs may log a point more or less
+        cost = np.mean([[p["cost"] for p in r["curve"][:n]] for r in runs], axis=0)
+        loss = np.array([[p["val_loss"] for p in r["curve"][:n]] for r in runs])
+        left.plot(cost, loss.mean(0), marker="o", ms=3, label=label, **style)
+        if len(runs) > 1:
+            left.fill_between(cost, loss.mean(0) - loss.std(0, ddof=1), loss.mean(0) + loss.std(0, ddof=1),
+                              color=style["color"], alpha=0.15)
+        apps = [e["eval_applications"] for e in runs[0]["evals"]]
+        final = np.array([[e["val_loss"] for e in r["evals"]] for r in runs])
+        right.errorbar(apps, final.mean(0), yerr=final.std(0, ddof=1) if len(runs) > 1 else None,
+                       marker="o", ms=4, capsize=3, **style)
+    left.set_xscale("log")
+    left.set_xlabel("training cost (layer applications x tokens)")
+    left.set_ylabel("validation loss")
+    left.legend(fontsize=8)
+    right.set_xlabel("inference cost (layer applications per token): rounds 1, r, r+1")
+    right.set_ylabel("final validation loss")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {path}")
@@ -769,6 +827,8 @@ def main(argv=None):
         return sample(args)
     if args.bench:
         return bench(args)
+    if args.report:
+        return report(args)
     ddp = "RANK" in os.environ  # launched by torchrun
     train_data, val_data, meta = load_data(args.data_dir, args.dataset)
     runs = plan_runs(args, meta, len(train_data), len(val_data), int(os.environ.get("WORLD_SIZE", 1)))
