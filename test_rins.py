@@ -619,8 +619,10 @@ def test_report_joins_runs_of_several_invocations_and_filters(data_dir, tmp_path
     assert f"{mean:.4f} ± {std:.4f}" in table and "A2B" not in table
     assert len(open(tmp_path / "results.csv").read().splitlines()) == 1 + 2 + 3  # a subset leaves the files
 
-    with pytest.raises(SystemExit, match="no finished runs of ABAB"):
+    with pytest.raises(SystemExit, match="no finished runs of ABAB in"):
         train.main(["--report", str(tmp_path), "--variants", "AB,ABAB"])
+    with pytest.raises(SystemExit, match="no finished runs of budget 9 in"):
+        train.main(["--report", str(tmp_path), "--budget_steps", "8,9"])
 
 # -----------------------------------------------------------------------------
 # sampling

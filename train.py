@@ -20,7 +20,7 @@ at several inference depths (rounds 1, r, r+1 for the A^rB family).
 Outputs in --out_dir: <run>/ckpt.pt and <run>/run.json per run; results.csv and results.json
 (one row per run x eval depth), curves.json (val loss vs cost), loss_vs_cost.png (if matplotlib).
 --report DIR rebuilds them from the run.json files in DIR, e.g. after runs on several machines;
-with --variants it prints and plots only those, leaving DIR's results files as they are.
+with --variants or --budget_steps it prints and plots only those runs, leaving DIR's results files.
 """
 
 import argparse
@@ -78,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--share_kv", action="store_true", help="KV sharing, RINS.md §6")
     # comparison
     p.add_argument("--variants", help="comma-separated variants, e.g. 'AB,A3B,A3B:p_skip=0.5:adapters=1'")
-    p.add_argument("--budget_steps", default="1200", help="budget in steps of the baseline; a list sweeps budgets")
+    p.add_argument("--budget_steps", help="budget in steps of the baseline (default 1200); a list sweeps budgets")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; a seed makes a CPU run reproducible")
     # optimisation
     p.add_argument("--batch_size", type=int, default=32, help="sequences per micro-batch per process")
@@ -100,7 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks")
     # report
-    p.add_argument("--plot", help="--report: where to draw the plot (default DIR/loss_vs_cost.png)")
+    p.add_argument("--plot", help="--report: where to draw the plot (default DIR/loss_vs_cost.png, or DIR/report.png for a subset)")
     # sampling
     p.add_argument("--ckpt", help="checkpoint to sample from")
     p.add_argument("--start", default="\n", help="prompt")
@@ -113,11 +113,14 @@ def parse_args(argv=None):
     p.add_argument("--bench_vocab", type=int, default=65, help="vocabulary of --bench models (65: char Shakespeare)")
     p.add_argument("--bench_repeats", type=int, default=10, help="timed rounds per measurement in --bench")
     args = p.parse_args(argv)
-    args.all_variants = args.report and not args.variants  # --report without --variants: every run in DIR
+    if args.report:  # --variants and --budget_steps select runs; left out, they keep every run in DIR
+        args.variants = args.variants and [v.strip() for v in args.variants.split(",")]
+        args.budget_steps = args.budget_steps and int_list(args.budget_steps, "--budget_steps")
+        return args
     if args.compare and not args.variants:
         args.variants = CPU_DEFAULT_VARIANTS
     args.variants = [v.strip() for v in (args.variants or variant_of_flags(args)).split(",")]
-    args.budget_steps = int_list(args.budget_steps, "--budget_steps")
+    args.budget_steps = int_list(args.budget_steps or "1200", "--budget_steps")
     args.seeds = int_list(args.seeds, "--seeds")
     return args
 
@@ -558,17 +561,19 @@ def report(args):
     for path in paths:
         with open(path) as f:
             records.append(json.load(f))
-    variants = sorted({r["run"]["variant"] for r in records}) if args.all_variants else args.variants
-    missing = set(variants) - {r["run"]["variant"] for r in records}
-    if missing:
-        raise SystemExit(f"error: no finished runs of {', '.join(sorted(missing))} in {args.report}")
-    records = sorted((r for r in records if r["run"]["variant"] in variants),
+    variants = args.variants or sorted({r["run"]["variant"] for r in records})
+    budgets = args.budget_steps or sorted({r["run"]["train"]["budget_steps"] for r in records})
+    records = sorted((r for r in records if r["run"]["variant"] in variants and r["run"]["train"]["budget_steps"] in budgets),
                      key=lambda r: (variants.index(r["run"]["variant"]), r["run"]["train"]["budget_steps"],
                                     r["run"]["train"]["seed"]))
-    if args.all_variants:
+    missing = [v for v in variants if v not in {r["run"]["variant"] for r in records}]
+    missing += [f"budget {b}" for b in budgets if b not in {r["run"]["train"]["budget_steps"] for r in records}]
+    if missing:
+        raise SystemExit(f"error: no finished runs of {', '.join(missing)} in {args.report}")
+    if args.variants or args.budget_steps:  # a subset: DIR's results files keep every run
+        plot_curves(records, args.plot or os.path.join(args.report, "report.png"))
+    else:
         write_results(args.report, records, args.plot)
-    else:  # a subset: DIR's results files keep every run
-        plot_curves(records, args.plot or os.path.join(args.report, "loss_vs_cost.png"))
     print(summary_table(result_rows(records)))
     return records
 
