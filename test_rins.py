@@ -596,6 +596,25 @@ def test_scaling_law_fit_recovers_known_parameters():
     fit = train.fit_scaling_law(x, (40 * x ** -0.3 + 1.5) * noise)
     assert fit["c"] == pytest.approx(0.3, rel=0.1) and fit["eps_inf"] == pytest.approx(1.5, rel=0.02)
 
+
+def test_law_across_budgets_uses_final_losses_as_trained_and_skips_short_sweeps():
+    law = lambda x: 40 * x ** -0.3 + 1.5
+
+    def record(variant, budget, seed, loss_as_trained, recursive):
+        cost = 1e6 * budget
+        evals = [dict(val_loss=9.0), dict(val_loss=loss_as_trained), dict(val_loss=9.0)] if recursive \
+            else [dict(val_loss=loss_as_trained)]
+        return dict(run=dict(variant=variant, train=dict(budget_steps=budget, seed=seed)), cost=cost, evals=evals)
+
+    budgets = (100, 300, 1000, 3000)
+    for spread in (0.0, 0.01):  # seeds at -spread, 0, +spread about the law
+        records = [record("A3B", b, s, law(1e6 * b) + spread * (s - 1), True) for b in budgets for s in range(3)]
+        records += [record("AB", b, 0, law(1e6 * b), False) for b in budgets[:2]]  # two budgets: no fit
+        (fit,) = train.budget_fits(records, n_boot=40)
+        assert (fit["variant"], fit["budgets"], fit["runs"]) == ("A3B", list(budgets), 12)
+        assert (fit["c"], fit["eps_inf"]) == pytest.approx((0.3, 1.5), rel=0.05)  # the seeds average out
+        assert (fit["c_std"] > 0.01) == (spread > 0)  # the bootstrap sees the spread over seeds, and only it
+
 # -----------------------------------------------------------------------------
 # --report: results again from the run files of several invocations
 

@@ -488,6 +488,38 @@ def fit_scaling_law(x, y):
     return dict(beta=beta, c=c, eps_inf=float(eps_inf), rmse=math.sqrt(sse / len(x)))
 
 
+def budget_fits(records, n_boot=200):
+    """The law fitted across budgets, for each variant run at three budgets or more: one point per
+    run, its executed cost and its final val loss as trained. Unlike the per-run fits, every point
+    ends a full LR schedule. Uncertainty: the std over a bootstrap that resamples each budget's runs
+    (its seeds) with replacement."""
+    by_variant = {}
+    for r in records:
+        trained = r["evals"][1] if len(r["evals"]) == 3 else r["evals"][0]  # eval_depths: [1, r, r+1] or [as trained]
+        by_budget = by_variant.setdefault(r["run"]["variant"], {})
+        by_budget.setdefault(r["run"]["train"]["budget_steps"], []).append((r["cost"], trained["val_loss"]))
+    rng = np.random.default_rng(0)
+    fits = []
+    for variant, by_budget in by_variant.items():
+        if len(by_budget) < 3:
+            continue
+        points = [p for runs in by_budget.values() for p in runs]
+        fit = fit_scaling_law(*zip(*points))
+        boot = [fit_scaling_law(*zip(*[runs[i] for runs in by_budget.values() for i in rng.integers(len(runs), size=len(runs))]))
+                for _ in range(n_boot)]
+        fits.append(dict(variant=variant, budgets=sorted(by_budget), runs=len(points), beta=fit["beta"], c=fit["c"],
+                         eps_inf=fit["eps_inf"], c_std=float(np.std([b["c"] for b in boot])),
+                         eps_inf_std=float(np.std([b["eps_inf"] for b in boot]))))
+    return fits
+
+
+def budget_fits_table(fits):
+    lines = ["law across budgets: loss = beta * cost^(-c) + eps_inf (± bootstrap std over seeds)"]
+    lines += [f"  {f['variant']}: budgets {','.join(map(str, f['budgets']))} ({f['runs']} runs), "
+              f"c {f['c']:.3f} ± {f['c_std']:.3f}, eps_inf {f['eps_inf']:.3f} ± {f['eps_inf_std']:.3f}" for f in fits]
+    return "\n".join(lines)
+
+
 def result_rows(records):
     """One row per run x eval depth, the columns of results.csv."""
     rows = []
@@ -548,8 +580,11 @@ def write_results(out_dir, records, plot_path=None):
                                      budget_steps=r["run"]["train"]["budget_steps"], fit=r["fit"], points=r["curve"])
               for r in records}
     write_atomic(os.path.join(out_dir, "curves.json"), json.dumps(curves, indent=1))
+    fits = budget_fits(records)
+    write_atomic(os.path.join(out_dir, "budget_fits.json"), json.dumps(fits, indent=1))
     plot_curves(records, plot_path or os.path.join(out_dir, "loss_vs_cost.png"))
-    print(f"wrote {out_dir}/results.csv, results.json, curves.json")
+    print(f"wrote {out_dir}/results.csv, results.json, curves.json, budget_fits.json")
+    return fits
 
 
 def report(args):
@@ -572,10 +607,17 @@ def report(args):
         raise SystemExit(f"error: no finished runs of {', '.join(missing)} in {args.report}")
     if args.variants or args.budget_steps:  # a subset: DIR's results files keep every run
         plot_curves(records, args.plot or os.path.join(args.report, "report.png"))
+        fits = budget_fits(records)
     else:
-        write_results(args.report, records, args.plot)
-    print(summary_table(result_rows(records)))
+        fits = write_results(args.report, records, args.plot)
+    print_summary(records, fits)
     return records
+
+
+def print_summary(records, fits):
+    print(summary_table(result_rows(records)))
+    if fits:
+        print(budget_fits_table(fits))
 
 
 def plot_curves(records, path):
@@ -610,6 +652,8 @@ def plot_curves(records, path):
         final = np.array([[e["val_loss"] for e in r["evals"]] for r in runs])
         right.errorbar(apps, final.mean(0), yerr=final.std(0, ddof=1) if len(runs) > 1 else None,
                        marker="o", ms=4, capsize=3, **style)
+        if len(apps) == 1:  # a model without rounds: a level line to read the others against
+            right.axhline(final.mean(), color=style["color"], linewidth=0.8, linestyle=":")
     left.set_xscale("log")
     left.set_xlabel("training cost (layer applications x tokens)")
     left.set_ylabel("validation loss")
@@ -862,8 +906,7 @@ def main(argv=None):
             print_run(record)
         records.append(record)
     if master:
-        write_results(args.out_dir, records)
-        print(summary_table(result_rows(records)))
+        print_summary(records, write_results(args.out_dir, records))
     if ddp:
         dist.destroy_process_group()
     return records
