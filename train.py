@@ -505,8 +505,10 @@ def budget_fits(records, n_boot=200):
             continue
         points = [p for runs in by_budget.values() for p in runs]
         fit = fit_scaling_law(*zip(*points))
-        boot = [fit_scaling_law(*zip(*[runs[i] for runs in by_budget.values() for i in rng.integers(len(runs), size=len(runs))]))
-                for _ in range(n_boot)]
+        boot = []
+        for _ in range(n_boot):  # each budget keeps its number of runs, drawn with replacement
+            sample = [runs[i] for runs in by_budget.values() for i in rng.integers(len(runs), size=len(runs))]
+            boot.append(fit_scaling_law(*zip(*sample)))
         fits.append(dict(variant=variant, budgets=sorted(by_budget), runs=len(points), beta=fit["beta"], c=fit["c"],
                          eps_inf=fit["eps_inf"], c_std=float(np.std([b["c"] for b in boot])),
                          eps_inf_std=float(np.std([b["eps_inf"] for b in boot]))))
@@ -598,9 +600,9 @@ def report(args):
             records.append(json.load(f))
     variants = args.variants or sorted({r["run"]["variant"] for r in records})
     budgets = args.budget_steps or sorted({r["run"]["train"]["budget_steps"] for r in records})
-    records = sorted((r for r in records if r["run"]["variant"] in variants and r["run"]["train"]["budget_steps"] in budgets),
-                     key=lambda r: (variants.index(r["run"]["variant"]), r["run"]["train"]["budget_steps"],
-                                    r["run"]["train"]["seed"]))
+    records = [r for r in records if r["run"]["variant"] in variants and r["run"]["train"]["budget_steps"] in budgets]
+    records.sort(key=lambda r: (variants.index(r["run"]["variant"]), r["run"]["train"]["budget_steps"],
+                                r["run"]["train"]["seed"]))
     missing = [v for v in variants if v not in {r["run"]["variant"] for r in records}]
     missing += [f"budget {b}" for b in budgets if b not in {r["run"]["train"]["budget_steps"] for r in records}]
     if missing:
