@@ -603,8 +603,9 @@ def report(args):
     records = [r for r in records if r["run"]["variant"] in variants and r["run"]["train"]["budget_steps"] in budgets]
     records.sort(key=lambda r: (variants.index(r["run"]["variant"]), r["run"]["train"]["budget_steps"],
                                 r["run"]["train"]["seed"]))
-    missing = [v for v in variants if v not in {r["run"]["variant"] for r in records}]
-    missing += [f"budget {b}" for b in budgets if b not in {r["run"]["train"]["budget_steps"] for r in records}]
+    found_variants = {r["run"]["variant"] for r in records}
+    found_budgets = {r["run"]["train"]["budget_steps"] for r in records}
+    missing = [v for v in variants if v not in found_variants] + [f"budget {b}" for b in budgets if b not in found_budgets]
     if missing:
         raise SystemExit(f"error: no finished runs of {', '.join(missing)} in {args.report}")
     if args.variants or args.budget_steps:  # a subset: DIR's results files keep every run
