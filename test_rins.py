@@ -490,11 +490,12 @@ def test_lr_cooldown_ends_on_each_runs_own_last_step(data_dir, tmp_path):
     for variant, steps in (("AB", 20), ("A3B", 10)):
         lrs = [e["lr"] for e in records[variant]["train_log"]]
         assert len(lrs) == steps
-        # cool-down: each step's LR is taken at its middle, (s + 0.5) / steps of the way, and the
-        # linear factor reaches zero at the end of the run's own last step
+        # each step's LR is taken at its middle, (s + 0.5) / steps of the way; the warm-up is the same
+        # 2 steps (10% of the budget's 20 baseline steps) for both, the rsqrt decay counts from it, and
+        # the linear cool-down factor reaches zero at the end of the run's own last step
         for s in range(steps):
-            p = (s + 0.5) / steps
-            decay = 1e-3 * min(1, p / 0.1) * math.sqrt(0.1 / max(p, 0.1))
+            p, w = (s + 0.5) / steps, 2 / steps
+            decay = 1e-3 * min(1, p / w) * math.sqrt(w / max(p, w))
             assert lrs[s] == pytest.approx(decay * min(1, (1 - p) / 0.3), rel=1e-12), (variant, s)
         assert lrs[-1] == min(lrs) > 0
 
@@ -669,7 +670,7 @@ def test_sample_from_checkpoint_at_chosen_rounds(data_dir, tmp_path, capsys):
     (["--variants", "AB,AB"], "variants repeat a run"),
     (["--budget_steps", "0"], "--budget_steps must be >= 1"),
     (["--seeds", "a"], "--seeds takes comma-separated integers"),
-    (["--warmup_frac", "0.9", "--cooldown_frac", "0.5"], "their sum <= 1"),
+    (["--warmup_frac", "0.9", "--cooldown_frac", "0.5"], "do not fit its"),
     (["--block_size", "5000"], "needs more tokens than the data has"),
 ])
 def test_bad_input_is_one_clear_line_before_compute(data_dir, tmp_path, flags, message):
@@ -692,7 +693,7 @@ def test_existing_run_needs_resume_and_the_same_configuration(data_dir, tmp_path
 def test_nan_loss_stops_with_the_last_good_checkpoint_intact(data_dir, tmp_path, monkeypatch):
     good_lr = train.learning_rate
     # an absurd step after the first checkpoint (half the budget) breaks the weights
-    monkeypatch.setattr(train, "learning_rate", lambda p, t: 1e30 if p > 0.6 else good_lr(p, t))
+    monkeypatch.setattr(train, "learning_rate", lambda p, w, t: 1e30 if p > 0.6 else good_lr(p, w, t))
     with pytest.raises(SystemExit, match=r"nan/inf by step \d+; the last good checkpoint .* is intact"):
         run_train(data_dir, tmp_path, "--budget_steps", "12")
     ckpt = torch.load(tmp_path / "AB_b12_s0" / "ckpt.pt", weights_only=True)

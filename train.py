@@ -88,7 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--beta2", type=float, default=0.99)
     p.add_argument("--grad_clip", type=float, default=1.0, help="0: no clipping")
-    p.add_argument("--warmup_frac", type=float, default=0.05, help="of the run's own budget")
+    p.add_argument("--warmup_frac", type=float, default=0.05,
+                   help="warm-up steps as a fraction of --budget_steps: the same number of steps for every variant")
     p.add_argument("--cooldown_frac", type=float, default=0.2, help="of the run's own budget")
     # evaluation, logging, checkpoints
     p.add_argument("--eval_points", type=int, default=10, help="evaluations (and checkpoints) per run, evenly in cost")
@@ -181,8 +182,8 @@ def check_training_flags(args):
             raise SystemExit(f"error: --{name} must be >= 1, got {getattr(args, name)}")
     if min(args.budget_steps) < 1:
         raise SystemExit(f"error: --budget_steps must be >= 1, got {min(args.budget_steps)}")
-    if not (0 < args.warmup_frac < 1 and 0 < args.cooldown_frac <= 1 and args.warmup_frac + args.cooldown_frac <= 1):
-        raise SystemExit(f"error: need 0 < --warmup_frac < 1, 0 < --cooldown_frac <= 1 and their sum <= 1, "
+    if not (0 < args.warmup_frac < 1 and 0 < args.cooldown_frac < 1):
+        raise SystemExit(f"error: need 0 < --warmup_frac < 1 and 0 < --cooldown_frac < 1, "
                          f"got {args.warmup_frac} and {args.cooldown_frac}")
 
 
@@ -223,11 +224,16 @@ def make_run(args, spec, budget_steps, seed, meta, world_size):
     base_tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world_size
     train = dict(dataset=args.dataset, batch_size=settings["batch_size"], grad_accum=args.grad_accum,
                  world_size=world_size, learning_rate=settings["learning_rate"], weight_decay=args.weight_decay,
-                 beta1=args.beta1, beta2=args.beta2, grad_clip=args.grad_clip, warmup_frac=args.warmup_frac,
-                 cooldown_frac=args.cooldown_frac, seed=seed, budget_steps=budget_steps,
+                 beta1=args.beta1, beta2=args.beta2, grad_clip=args.grad_clip,
+                 warmup_steps=max(1, round(args.warmup_frac * budget_steps)), cooldown_frac=args.cooldown_frac, seed=seed, budget_steps=budget_steps,
                  budget=budget_steps * args.n_layer * base_tokens_per_step, eval_points=args.eval_points,
                  eval_iters=args.eval_iters, log_interval=args.log_interval)
     name = f"{re.sub(r'[^A-Za-z0-9.=-]+', '_', spec).strip('_')}_b{budget_steps}_s{seed}"
+    steps = rins.steps_for_budget(train["budget"], config, settings["batch_size"] * settings["block_size"]
+                                  * args.grad_accum * world_size)
+    if train["warmup_steps"] / steps + args.cooldown_frac > 1:
+        raise SystemExit(f"error: {name}: {train['warmup_steps']} warm-up steps and a cool-down of "
+                         f"{args.cooldown_frac:.0%} do not fit its {steps} steps: lower --warmup_frac or --cooldown_frac")
     return {"name": name, "variant": spec, "model": asdict(config), "train": train}
 
 
@@ -270,12 +276,13 @@ def get_batch(data, ix, block_size, device):
 # Training
 
 
-def learning_rate(progress, t):
+def learning_rate(progress, warmup, t):
     """LR when a fraction `progress` of the run's own budget has executed (RINS.md §3: the schedule
-    is laid on each run's own length). [our choice] Linear warm-up, inverse-square-root decay,
-    linear cool-down that reaches zero exactly at the end of the budget (big_vision's "rsqrt")."""
-    lr = t["learning_rate"] * min(1.0, progress / t["warmup_frac"])
-    lr *= math.sqrt(t["warmup_frac"] / max(progress, t["warmup_frac"]))
+    is laid on each run's own length). [our choice] Linear warm-up over the fraction `warmup` (the
+    same number of steps for every variant), inverse-square-root decay, linear cool-down that
+    reaches zero exactly at the end of the budget (big_vision's "rsqrt")."""
+    lr = t["learning_rate"] * min(1.0, progress / warmup)
+    lr *= math.sqrt(warmup / max(progress, warmup))
     return lr * max(0.0, min(1.0, (1 - progress) / t["cooldown_frac"]))
 
 
@@ -324,6 +331,7 @@ def train(run, run_dir, train_data, val_data, device, ddp, compile):
     steps = rins.steps_for_budget(t["budget"], config, tokens_per_step)
     # the budget rounded to whole planned steps; the run stops when its executed cost reaches it
     target = steps * rins.expected_applications(config) * tokens_per_step
+    warmup = t["warmup_steps"] / steps  # the warm-up as a fraction of this run's own budget
     if master:
         tqdm.write(f"{run['name']}: schedule {rins.layer_schedule(config.signature, config.n_layer)}, "
                    f"{steps} planned steps x {tokens_per_step} tokens = {steps * tokens_per_step / len(train_data):.2f} "
@@ -348,7 +356,7 @@ def train(run, run_dir, train_data, val_data, device, ddp, compile):
             step_flops += model.flops_per_token(T) * B * T * world
             (loss / accum).backward()
             loss_sum += loss.detach()
-        lr = learning_rate((state["cost"] + step_cost / 2) / target, t)  # at the middle of this step
+        lr = learning_rate((state["cost"] + step_cost / 2) / target, warmup, t)  # at the middle of this step
         for group in optimizer.param_groups:
             group["lr"] = lr
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"] or math.inf)
@@ -446,11 +454,11 @@ def finish(run, model, state, steps, target, val_data, n_train, ctx, device, wor
                                           t["eval_iters"], ctx, rounds)
         evals.append(dict(rounds=rounds, eval_applications=applications, val_loss=val_loss))
     # fit on the points after warm-up: the law describes training, not the first steps
-    points = [p for p in state["curve"] if p["cost"] > t["warmup_frac"] * target]
+    points = [p for p in state["curve"] if p["cost"] > t["warmup_steps"] / steps * target]
     fit = fit_scaling_law([p["cost"] for p in points], [p["val_loss"] for p in points]) if len(points) >= 4 else None
     peak = rins.peak_flops(device)
     record = dict(run=run, steps=state["step"], planned_steps=steps, tokens=state["tokens"],
-                  epochs=state["tokens"] / n_train, cost=state["cost"], target=target,
+                  epochs=state["tokens"] / n_train, tokens_per_param=state["tokens"] / model.get_num_params(), cost=state["cost"], target=target,
                   wall_s=state["train_time"], tokens_per_s=state["tokens"] / state["train_time"],
                   mfu=state["flops"] / state["train_time"] / (peak * world) if peak else None,
                   n_params=model.get_num_params(), n_adapter_params=model.num_adapter_params(),
@@ -533,7 +541,8 @@ def result_rows(records):
                 adapters=m["adapters"], share_kv=m["share_kv"], block_size=m["block_size"],
                 batch_size=t["batch_size"], seed=t["seed"], budget_steps=t["budget_steps"], budget=t["budget"],
                 rounds=e["rounds"], eval_applications=e["eval_applications"], steps=r["steps"],
-                planned_steps=r["planned_steps"], tokens=r["tokens"], epochs=r["epochs"], cost=r["cost"],
+                planned_steps=r["planned_steps"], tokens=r["tokens"], epochs=r["epochs"],
+                tokens_per_param=r["tokens"] / r["n_params"], cost=r["cost"],
                 val_loss=e["val_loss"], wall_s=r["wall_s"], tokens_per_s=r["tokens_per_s"], mfu=r["mfu"],
                 n_params=r["n_params"], n_adapter_params=r["n_adapter_params"],
                 fit_beta=fit.get("beta"), fit_c=fit.get("c"), fit_eps_inf=fit.get("eps_inf")))
@@ -546,12 +555,13 @@ def summary_table(rows):
     groups = {}
     for row in rows:
         groups.setdefault((row["variant"], row["budget_steps"], row["rounds"]), []).append(row)
-    lines = [("variant", "budget", "rounds", "apps", "seeds", "steps", "tokens", "epochs", "val_loss",
+    lines = [("variant", "budget", "rounds", "apps", "seeds", "steps", "tokens", "epochs", "tok/param", "val_loss",
               "c", "eps_inf", "wall_s", "MFU")]
     for (variant, budget, rounds), g in groups.items():
         lines.append((variant, str(budget), "-" if rounds is None else str(rounds), str(g[0]["eval_applications"]),
                       str(len(g)), mean_std(g, "steps", ".0f", std=False), mean_std(g, "tokens", ".3g", std=False),
-                      mean_std(g, "epochs", ".3f", std=False), mean_std(g, "val_loss", ".4f"),
+                      mean_std(g, "epochs", ".3f", std=False), mean_std(g, "tokens_per_param", ".1f", std=False),
+                      mean_std(g, "val_loss", ".4f"),
                       mean_std(g, "fit_c", ".3f"), mean_std(g, "fit_eps_inf", ".3f"),
                       mean_std(g, "wall_s", ".0f", std=False), mean_std(g, "mfu", ".1%", std=False)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
@@ -678,7 +688,8 @@ def print_run(record):
     mfu = "n/a (no peak known for this device)" if record["mfu"] is None else f"{record['mfu']:.1%}"
     losses = ", ".join(f"{e['val_loss']:.4f} (rounds {e['rounds'] or 'as trained'})" for e in record["evals"])
     print(f"{record['run']['name']}: {record['steps']} steps ({record['planned_steps']} planned), "
-          f"{record['tokens']:,} tokens = {record['epochs']:.3f} epochs, executed cost {record['cost']:.4e} "
+          f"{record['tokens']:,} tokens = {record['epochs']:.3f} epochs = {record['tokens'] / record['n_params']:.1f} "
+          f"tokens per parameter, executed cost {record['cost']:.4e} "
           f"(budget {record['target']:.4e}), {record['wall_s']:.1f} s training, "
           f"{record['tokens_per_s']:,.0f} tokens/s, MFU {mfu}; val loss {losses}")
 
