@@ -1,38 +1,35 @@
 """
 A small SigLIP (sigmoid-loss image-text model) with RINS towers, trained and scored zero-shot.
 
-RINS.md §7: an image tower (ViT) and a text tower, both rins.Transformer stacks with
-bidirectional attention and their own signature; the sigmoid loss over all image-text pairs;
-zero-shot classification with prompt embeddings averaged over templates. The paper reports
-+2% zero-shot ImageNet for RINS in SigLIP-B/16 and no gain in pure image classification, so
-every comparison here also trains a vision-only control: the same image tower as a classifier.
+An image tower (ViT) and a text tower, both rins.Transformer stacks with bidirectional attention and
+their own signature; the sigmoid loss over all image-text pairs; zero-shot classification with prompt
+embeddings averaged over templates. The paper reports +2% zero-shot ImageNet for RINS in SigLIP-B/16
+and no gain in pure image classification, so every comparison here also trains a vision-only
+control: the same image tower as a classifier.
 
-Variants are compared at the same training compute, counted in layer applications x tokens
-(RINS.md §3) summed over the towers, and scored at 1x (rounds=1, the baseline's inference
-cost) and at full depth.
+Variants ("AB,A3B,A3B:p_skip=0.5", the syntax of train.py) are compared at the same training compute,
+counted in layer applications x tokens summed over the towers, and scored at 1x (rounds=1, the
+baseline's inference cost) and at full depth. Optimisation as train.py: AdamW (rins.adamw), the rsqrt
+schedule with cool-down (rins.learning_rate), the warm-up the same number of steps for every variant.
 
 Data, all offline:
-  fashion  Fashion-MNIST from the Debian package (apt-get install dataset-fashion-mnist).
-           Captions are class names through TRAIN_TEMPLATES; zero-shot uses the disjoint
-           EVAL_TEMPLATES on the 10,000 test images.
-  shapes   procedurally drawn coloured shapes at four positions. Training holds out some
-           (shape, colour) combinations; the "unseen" test split holds only those, classified
-           among all combinations, so it measures generalisation through text.
+  fashion  Fashion-MNIST from the Debian package (apt-get install dataset-fashion-mnist). Captions are
+           class names through TRAIN_TEMPLATES; zero-shot uses the disjoint EVAL_TEMPLATES on the
+           10,000 test images.
+  shapes   procedurally drawn coloured shapes at four positions. Training holds out some (shape,
+           colour) combinations; the "unseen" test split holds only those, classified among all
+           combinations, so it measures generalisation through text.
 
-CPU default (6 minutes on 2 cores: SigLIP and control for AB, A3B, A3B@0.5, seed 0):
-  python eval_siglip.py
-Sweep (3 seeds, 3x as long; --dataset shapes for the compositional set):
-  python eval_siglip.py --seeds 0,1,2
-  python eval_siglip.py --dataset shapes --seeds 0,1,2
-Larger GPU setting (8 layers of width 256, 49 patches of 4x4, 8x the examples: 13 epochs), untested:
-  python eval_siglip.py --device cuda --n-layer 8 --n-head 8 --n-embd 256 --patch 4 \\
-      --batch-size 128 --steps 6000 --variants AB,A2B,A3B,A3B@0.5 --seeds 0,1,2
-Results: results/siglip/<dataset>.csv and .json (and .png with matplotlib); every finished run
-is checkpointed under out/siglip/ and reused when the same run is asked for again.
+    python eval_siglip.py                                   # CPU default: AB, A3B, A3B:p_skip=0.5, seed 0
+    python eval_siglip.py --dataset shapes --seeds 0,1,2
+    python eval_siglip.py --seeds 0,1,2 --out_dir results/siglip   # how results/siglip was made
 
-Batch 64 by default: with ten distinct captions, the loss first pulls every embedding to one
-point (all pairs at the same logit) and only then separates the classes; in our runs smaller
-batches left that plateau after far fewer examples than batches of 256.
+Results go to --out_dir (default out/siglip): <dataset>.csv, .json and .png; every finished run is
+checkpointed in --out_dir/ckpt/ and reused when the same run is asked for again.
+
+Batch 64 by default: with ten distinct captions, the loss first pulls every embedding to one point
+(all pairs at the same logit) and only then separates the classes; in our runs smaller batches left
+that plateau after far fewer examples than batches of 256.
 """
 
 import argparse
@@ -42,7 +39,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 
 import numpy as np
@@ -52,7 +48,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import rins
-from data.prepare import gpt2_encoding
+from data.prepare import gpt2_encoding, write_atomic
 
 # -----------------------------------------------------------------------------
 # Captions. Zero-shot must not see the training sentences, so the two template sets are disjoint.
@@ -66,14 +62,13 @@ FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat",
                    "sandal", "shirt", "sneaker", "bag", "ankle boot")
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-FASHION_INSTALL = "sudo apt-get install dataset-fashion-mnist"
+FASHION_INSTALL = "apt-get install dataset-fashion-mnist"
 
 SHAPES = ("circle", "square", "triangle", "cross", "diamond")
 COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.8, 0.1), "blue": (0.1, 0.2, 1.0),
            "yellow": (1.0, 0.9, 0.1), "purple": (0.6, 0.1, 0.8), "cyan": (0.1, 0.9, 0.9)}
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 IMAGE_SIZE = 28  # both datasets, so one tower configuration serves both
-
 
 def held_out(shape, colour):
     """The (shape, colour) combinations no training image shows: one per colour, and every shape
@@ -93,34 +88,34 @@ def load_dataset(name, data_dir):
         return load_fashion(data_dir)
     if name == "shapes":
         return make_shapes()
-    raise ValueError(f"unknown dataset {name!r}: choose 'fashion' (Fashion-MNIST) or 'shapes' (compositional)")
-
+    raise SystemExit(f"error: unknown dataset {name!r}: choose 'fashion' (Fashion-MNIST) or 'shapes' (compositional)")
 
 def read_idx(path):
     """An IDX file (the MNIST format) as a numpy array; gzipped if the name ends in .gz."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        raw = f.read()
-    if raw[:3] != b"\x00\x00\x08":  # magic: two zero bytes, dtype code 0x08 (uint8), then ndim
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
-    ndim = raw[3]
-    shape = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4)
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+        ndim = raw[3]
+        shape = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4)
+        assert raw[:3] == b"\x00\x00\x08"  # magic: two zero bytes, dtype code 0x08 (uint8), then ndim
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (OSError, EOFError, IndexError, ValueError, AssertionError) as e:
+        raise SystemExit(f"error: {path} is not a readable IDX file of unsigned bytes ({type(e).__name__}): "
+                         f"reinstall with '{FASHION_INSTALL}' or pass another --data_dir")
 
 def load_fashion(data_dir):
     paths = []
     for name in FASHION_FILES:
-        found = [p for p in (os.path.join(data_dir, name), os.path.join(data_dir, name + ".gz")) if os.path.exists(p)]
+        found = [p for p in (os.path.join(data_dir, name), os.path.join(data_dir, name + ".gz")) if os.path.isfile(p)]
         if not found:
-            raise FileNotFoundError(f"Fashion-MNIST not found: no {name}[.gz] in {data_dir}. Install it with "
-                                    f"'{FASHION_INSTALL}' or pass --data-dir to a folder with the four IDX files")
+            raise SystemExit(f"error: Fashion-MNIST not found: no file {name}[.gz] in {data_dir}: install it with "
+                             f"'{FASHION_INSTALL}' or pass --data_dir to a folder with the four IDX files")
         paths.append(found[0])
     x_train, y_train, x_test, y_test = (torch.from_numpy(read_idx(p).copy()) for p in paths)
     return {"name": "fashion",
             "train": (x_train.unsqueeze(1), y_train.long(), torch.zeros_like(y_train, dtype=torch.long)),
             "tests": {"test": (x_test.unsqueeze(1), y_test.long())},
             "descriptions": [[c] for c in FASHION_CLASSES]}
-
 
 def make_shapes(n_train=30000, n_test=2000, seed=0):
     """The compositional set. Class = (shape, colour); the caption also names the position.
@@ -143,7 +138,6 @@ def make_shapes(n_train=30000, n_test=2000, seed=0):
     colour_names = list(COLOURS)
     descriptions = [[f"{colour_names[c]} {SHAPES[s]} at the {p}" for p in POSITIONS] for s, c in classes]
     return {"name": "shapes", "train": train, "tests": tests, "descriptions": descriptions}
-
 
 def draw_shapes(shape_colours, positions, rng):
     """uint8 images (N, 3, 28, 28): one filled shape per image in the named quadrant, with jittered
@@ -176,7 +170,6 @@ def draw_shapes(shape_colours, positions, rng):
 
 PAD = 0
 
-
 def tokenize_captions(descriptions):
     """(train_tokens (classes, descriptions, TRAIN_TEMPLATES, L), prompt_tokens (classes, prompts, L), vocab).
 
@@ -198,15 +191,6 @@ def tokenize_captions(descriptions):
 # -----------------------------------------------------------------------------
 # Model
 
-def has_recursive_block(signature):
-    """Whether `rounds` means something for this signature (A3B yes; AB and ABAB no)."""
-    try:
-        rins.recursive_run(signature)
-        return True
-    except ValueError:
-        return False
-
-
 class ImageTower(nn.Module):
     """ViT: linear patch embedding, learned positions, rins.Transformer, mean pooling, projection.
 
@@ -221,17 +205,15 @@ class ImageTower(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, self.n_patches, config.n_embd))
         self.transformer = rins.Transformer(config)
         self.proj = nn.Linear(config.n_embd, out_dim)
-        # rounds sets the recursive block (RINS.md §4); a tower without one runs its whole schedule
-        self.has_rounds = has_recursive_block(config.signature)
 
     def forward(self, images, rounds=None):
         B, C, H, W = images.shape
         p = self.patch
         x = images.float() / 127.5 - 1.0  # pixels to [-1, 1], as big_vision
         x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, self.n_patches, C * p * p)
-        x = self.transformer(self.patch_embed(x) + self.pos, rounds=rounds if self.has_rounds else None)
+        # rounds sets the recursive block; a tower without one (AB in the other tower) runs its whole schedule
+        x = self.transformer(self.patch_embed(x) + self.pos, rounds=rounds if self.config.recursive else None)
         return self.proj(x.mean(dim=1))  # global average pooling, as big_vision's pool_type="gap"
-
 
 class TextTower(nn.Module):
     """Token and position embeddings, rins.Transformer, mean over the non-padding tokens, projection."""
@@ -243,14 +225,12 @@ class TextTower(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, length, config.n_embd))
         self.transformer = rins.Transformer(config)
         self.proj = nn.Linear(config.n_embd, out_dim)
-        self.has_rounds = has_recursive_block(config.signature)
 
     def forward(self, tokens, rounds=None):
         # no attention mask: the padding is a fixed token after the caption, as in big_vision's text tower
-        x = self.transformer(self.wte(tokens) + self.pos, rounds=rounds if self.has_rounds else None)
+        x = self.transformer(self.wte(tokens) + self.pos, rounds=rounds if self.config.recursive else None)
         keep = (tokens != PAD).unsqueeze(-1).float()
         return self.proj((x * keep).sum(1) / keep.sum(1))
-
 
 class SigLIP(nn.Module):
 
@@ -259,14 +239,13 @@ class SigLIP(nn.Module):
         d = image_config.n_embd
         self.image = ImageTower(image_config, in_chans, patch, d)
         self.text = TextTower(text_config, vocab_size, text_len, d)
-        self.log_t = nn.Parameter(torch.tensor(math.log(10.0)))  # RINS.md §7 / SigLIP: t = exp(log_t), t0 = 10
+        self.log_t = nn.Parameter(torch.tensor(math.log(10.0)))  # SigLIP: t = exp(log_t), t0 = 10
         self.b = nn.Parameter(torch.tensor(-10.0))                # b0 = -10: most pairs are negatives
 
     def forward(self, images, tokens):
         img = F.normalize(self.image(images), dim=-1)
         txt = F.normalize(self.text(tokens), dim=-1)
         return sigmoid_loss(img, txt, self.log_t, self.b)
-
 
 def sigmoid_loss(img, txt, log_t, b):
     """SigLIP's loss for n pairs of unit vectors: -sum over all n^2 pairs of log sigmoid(label * logit),
@@ -276,16 +255,13 @@ def sigmoid_loss(img, txt, log_t, b):
     labels = 2 * torch.eye(n, device=img.device) - 1
     return -F.logsigmoid(labels * logits).sum() / n
 
-
 def class_embeddings(prompt_emb):
     """(classes, prompts, D) -> (classes, D): the mean of the normalised prompt embeddings, renormalised (CLIP)."""
     return F.normalize(F.normalize(prompt_emb, dim=-1).mean(dim=1), dim=-1)
 
-
 def zero_shot_predict(image_emb, class_emb):
     """The class whose text embedding has the highest cosine with the image (t > 0 and b do not change it)."""
     return (F.normalize(image_emb, dim=-1) @ class_emb.t()).argmax(dim=-1)
-
 
 def init_weights(model, n_layer):
     """rins.init_gpt2 (GPT-2 initialisation, adapters at identity), and N(0, 0.02) positions."""
@@ -295,40 +271,28 @@ def init_weights(model, n_layer):
             nn.init.normal_(p, mean=0.0, std=0.02)
 
 # -----------------------------------------------------------------------------
-# Compute matching (RINS.md §3): a step costs layer applications x tokens, summed over the towers
+# Compute matching, as train.py: a step costs layer applications x tokens, summed over the towers
 
 def step_cost(towers):
     """Expected cost of one training step; towers: (rins config, tokens per step) pairs."""
     return sum(rins.expected_applications(config) * tokens for config, tokens in towers)
 
-
-def planned_steps(budget, towers):
-    """rins.steps_for_budget for several towers: the steps the learning-rate schedule is laid out on."""
-    return max(1, round(budget / step_cost(towers)))
-
-
-def lr_at(step, steps, lr):
-    """Linear warm-up over 5% of the planned steps, cosine decay to lr/10 at the last one."""
-    warmup = max(1, steps // 20)
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
 # -----------------------------------------------------------------------------
 # One run: train a SigLIP or a control under a budget, then score it at 1x and full depth
 
 def build(task, variant, args, data, tokens):
-    """The model of one run, and its towers as (module, tokens per step) for the cost count."""
-    signature, p_skip = variant
+    """The model of one run, and its towers as (module, tokens per step) for the cost count.
+
+    variant: (signature, settings) from rins.parse_variant; the recursed tower(s) get both, the other AB.
+    """
+    signature, settings = variant
     n_classes = len(data["descriptions"])
     in_chans = data["train"][0].size(1)
     n_patches = (IMAGE_SIZE // args.patch) ** 2
 
     def config(recursed, length):
         return rins.GPTConfig(block_size=length, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                              signature=signature if recursed else "AB", p_skip=p_skip if recursed else 0.0,
-                              causal=False)
+                              causal=False, **(dict(signature=signature, **settings) if recursed else {}))
 
     image_config = config(args.recurse in ("image", "both"), n_patches)
     if task == "control":
@@ -343,45 +307,50 @@ def build(task, variant, args, data, tokens):
     init_weights(model, args.n_layer)
     return model, towers
 
-
 def train(model, towers, task, data, tokens, budget, args, seed, desc):
-    """Train until the executed cost reaches the budget (RINS.md §3: stochastic runs stop on what ran)."""
-    expected = [(t.config, n) for t, n in towers]
-    steps = planned_steps(budget, expected)
-    target = steps * step_cost(expected)  # the budget rounded to whole planned steps, as train.py
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    images, labels, phrases = (t.to(args.device) for t in data["train"])
-    train_tokens = tokens[0].to(args.device)
-    gen = torch.Generator(device=args.device).manual_seed(seed)
+    """Train until the executed cost reaches the budget, as train.py does: the steps planned from the
+    expected cost, the LR schedule laid on them with the baseline's warm-up steps, a stochastic run
+    stopped on the cost that executed. A nan/inf loss stops the script before any result is written."""
+    device = torch.device(args.device)
+    expected = step_cost([(t.config, n) for t, n in towers])
+    steps = rins.steps_for_budget(budget, expected)
+    target = steps * expected  # the budget rounded to whole planned steps
+    warmup = max(1, round(args.warmup_frac * args.steps)) / steps  # the same warm-up steps for every variant
+    opt = rins.adamw(model, args.weight_decay, args.learning_rate, (args.beta1, args.beta2), device.type)
+    images, labels, phrases = (t.to(device) for t in data["train"])
+    train_tokens = tokens[0].to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     model.train()
     step, cost, curve = 0, 0, []
     bar = tqdm(total=steps, desc=desc, leave=False, disable=None)  # no bar when not a terminal
     while cost < target:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, args.lr)
-        idx = torch.randint(len(labels), (args.batch_size,), generator=gen, device=args.device)
-        with torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled="cuda" in args.device):
+        idx = torch.randint(len(labels), (args.batch_size,), generator=gen, device=device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if task == "siglip":
                 # a fresh training template for every example at every step
-                template = torch.randint(len(TRAIN_TEMPLATES), (args.batch_size,), generator=gen, device=args.device)
+                template = torch.randint(len(TRAIN_TEMPLATES), (args.batch_size,), generator=gen, device=device)
                 loss = model(images[idx], train_tokens[labels[idx], phrases[idx], template])
             else:
                 loss = F.cross_entropy(model(images[idx]), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        step_cost_now = sum(t.transformer.applications * n for t, n in towers)  # what executed, not the plan
+        for group in opt.param_groups:  # the LR at the middle of this step
+            group["lr"] = rins.learning_rate(args.learning_rate, (cost + step_cost_now / 2) / target, warmup,
+                                             args.cooldown_frac)
         opt.step()
-        cost += sum(t.transformer.applications * n for t, n in towers)  # what executed, not what was planned
+        cost += step_cost_now
         step += 1
         curve.append(round(loss.item(), 4))
+        if not math.isfinite(curve[-1]):
+            bar.close()
+            raise SystemExit(f"error: {desc}: the loss became nan/inf at step {step}; no results were written; "
+                             f"try a lower --learning_rate")
         bar.update()
         bar.set_postfix(loss=curve[-1])
     bar.close()
     return {"steps": step, "planned_steps": steps, "cost": cost, "target": target,
             "epochs": step * args.batch_size / len(labels)}, curve
-
 
 @torch.no_grad()
 def evaluate(model, task, data, tokens, rounds, device, batch=1000):
@@ -409,19 +378,24 @@ def evaluate(model, task, data, tokens, rounds, device, batch=1000):
                     "text_applications": model.text.transformer.applications if task == "siglip" else 0}
     return scores, applications
 
+RUN_SETTINGS = ("recurse", "steps", "batch_size", "n_layer", "n_head", "n_embd", "patch", "learning_rate",
+                "weight_decay", "beta1", "beta2", "warmup_frac", "cooldown_frac")
 
 def run(task, name, variant, seed, args, data, tokens, budget):
     """Train and score one (task, variant, seed): (result rows, training loss per step).
 
-    A checkpoint of the same run (same spec) is reused instead of training again.
+    A checkpoint of the same run (the same spec) is reused instead of training again.
     """
     spec = {"dataset": data["name"], "task": task, "variant": name, "seed": seed,
-            **{k: getattr(args, k) for k in ("recurse", "steps", "batch_size", "n_layer", "n_head", "n_embd",
-                                             "patch", "lr", "weight_decay")}}
-    path = os.path.join(args.ckpt_dir, re.sub(r"[^\w.@-]+", "_", f"{data['name']}_{task}_{name}_seed{seed}") + ".pt")
+            **{k: getattr(args, k) for k in RUN_SETTINGS}}
+    path = os.path.join(args.out_dir, "ckpt", re.sub(r"[^\w.=-]+", "_", f"{data['name']}_{task}_{name}_seed{seed}") + ".pt")
     if os.path.exists(path):
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if ckpt["spec"] == spec:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # an empty, truncated or foreign file: each fails its own way
+            raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}): delete it to "
+                             f"train that run again")
+        if ckpt.get("spec") == spec:
             print(f"reusing {path} (same run; delete it to retrain)")
             return ckpt["rows"], ckpt["loss_curve"]
     torch.manual_seed(seed)  # also seeds the towers' stochastic-rounds generators (rins.Transformer)
@@ -439,12 +413,12 @@ def run(task, name, variant, seed, args, data, tokens, budget):
                          "accuracy": round(accuracy, 4), "chance": round(1 / n_classes, 4),
                          "image_signature": towers[0][0].config.signature,
                          "text_signature": towers[1][0].config.signature if task == "siglip" else "",
-                         "p_skip": variant[1], **applications, **log, "budget": budget,
+                         "p_skip": towers[0][0].config.p_skip, **applications, **log, "budget": budget,
                          "train_seconds": round(seconds, 1)})
     print(f"{data['name']} {task} {name} seed {seed}: {log['steps']} steps ({log['epochs']:.2f} epochs), "
           f"{seconds:.0f} s, " + ", ".join(f"{r['metric']} {r['depth']} {r['accuracy']:.3f}" for r in rows))
-    save_atomic({"spec": spec, "rows": rows, "loss_curve": curve, "model": model.state_dict(),
-                 "vocab": tokens[2], "args": vars(args)}, path, torch.save)
+    ckpt = {"spec": spec, "rows": rows, "loss_curve": curve, "model": model.state_dict(), "vocab": tokens[2]}
+    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
     return rows, curve
 
 # -----------------------------------------------------------------------------
@@ -459,53 +433,33 @@ def summarise(rows):
              "std": float(np.std(a, ddof=1)) if len(a) > 1 else 0.0, "seeds": len(a)}
             for (t, m, v, d), a in groups.items()]
 
-
 def format_table(summary, chance):
     """The summary as text: one table per (task, metric), a row per variant, columns 1x and full."""
     lines = []
     for task, metric in dict.fromkeys((s["task"], s["metric"]) for s in summary):
         lines.append(f"\n{task} {metric} (chance {chance:.3f}; mean ± std over seeds)")
-        lines.append(f"{'variant':<12}{'1x':>18}{'full':>18}{'seeds':>7}")
+        lines.append(f"{'variant':<16}{'1x':>18}{'full':>18}{'seeds':>7}")
         cells = {(s["variant"], s["depth"]): s for s in summary if (s["task"], s["metric"]) == (task, metric)}
         for variant in dict.fromkeys(v for v, _ in cells):
             one, full = cells[(variant, "1x")], cells[(variant, "full")]
-            lines.append(f"{variant:<12}{one['mean']:>11.3f} ± {one['std']:.3f}"
+            lines.append(f"{variant:<16}{one['mean']:>11.3f} ± {one['std']:.3f}"
                          f"{full['mean']:>11.3f} ± {full['std']:.3f}{full['seeds']:>7}")
     return "\n".join(lines)
 
-
-def save_atomic(obj, path, write):
-    """Write to a temporary file and rename it over path, so a killed run never leaves half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    write(obj, tmp)
-    os.replace(tmp, path)
-
-
 def write_csv(rows, path):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    write_atomic(path, write)
 
 def plot(summary, chance, path):
-    """Bars per variant at 1x and full depth, one panel per (task, metric); skipped without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (the CSV and JSON hold the numbers)")
-        return
+    """Bars per variant at 1x and full depth, one panel per (task, metric)."""
+    from matplotlib.figure import Figure  # no pyplot: no display, no global state
     panels = list(dict.fromkeys((s["task"], s["metric"]) for s in summary))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
-    for ax, (task, metric) in zip(axes[0], panels):
+    fig = Figure(figsize=(4.5 * len(panels), 3.5))
+    for ax, (task, metric) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         cells = [s for s in summary if (s["task"], s["metric"]) == (task, metric)]
         variants = list(dict.fromkeys(s["variant"] for s in cells))
         for k, depth in enumerate(("1x", "full")):
@@ -518,95 +472,95 @@ def plot(summary, chance, path):
         ax.set_ylabel("accuracy")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    save_atomic(fig, path, lambda f, tmp: f.savefig(tmp, format="png", dpi=120))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     print(f"wrote {path}")
 
 # -----------------------------------------------------------------------------
 
-def parse_variants(text):
-    """'AB,A3B,A3B@0.5' -> {'AB': ('AB', 0.0), 'A3B': ('A3B', 0.0), 'A3B@0.5': ('A3B', 0.5)}; '@p' is p_skip."""
-    variants = {}
-    for name in text.split(","):
-        signature, _, p = name.strip().partition("@")
-        try:
-            p_skip = float(p) if p else 0.0
-        except ValueError:
-            raise ValueError(f"variant {name!r}: after '@' comes p_skip, a number in [0, 1]") from None
-        variants[name.strip()] = (signature, p_skip)
-    return variants
-
-
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion", help="fashion (Fashion-MNIST) or shapes (compositional)")
-    p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist", help="folder with the Fashion-MNIST IDX files")
-    p.add_argument("--variants", default="AB,A3B,A3B@0.5",
-                   help="comma-separated signatures, '@p' for stochastic RINS with p_skip=p (RINS.md §4)")
+    p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist", help="the Fashion-MNIST IDX files")
+    p.add_argument("--variants", default="AB,A3B,A3B:p_skip=0.5",
+                   help="comma-separated variants SIG[:key=value...], keys " + ", ".join(rins.MODEL_KEYS))
     p.add_argument("--recurse", default="image", choices=("image", "text", "both"),
                    help="tower(s) that get the variant's signature; the other runs AB [our choice: image]")
     p.add_argument("--tasks", default="siglip,control", help="siglip, control (vision-only classifier), or both")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    p.add_argument("--steps", type=int, default=1500, help="steps of the baseline AB; sets every run's compute budget")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=64)
+    p.add_argument("--steps", type=int, default=1500, help="steps of the baseline AB: every run's compute budget")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--n_layer", type=int, default=4)
+    p.add_argument("--n_head", type=int, default=4)
+    p.add_argument("--n_embd", type=int, default=64)
     p.add_argument("--patch", type=int, default=7, help="patch side in pixels; must divide 28")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--beta2", type=float, default=0.99)
+    p.add_argument("--warmup_frac", type=float, default=0.05, help="warm-up steps, as a fraction of --steps")
+    p.add_argument("--cooldown_frac", type=float, default=0.2, help="of the run's own budget")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out-dir", default="results/siglip", help="results <dataset>.csv/.json/.png")
-    p.add_argument("--ckpt-dir", default="out/siglip", help="one checkpoint per finished run")
+    p.add_argument("--out_dir", default="out/siglip", help="results <dataset>.csv/.json/.png and ckpt/")
     return p.parse_args(argv)
 
-
 def setup(args):
-    """Everything that can reject the input, before any training: data, variants, seeds, tasks, sizes."""
-    variants = parse_variants(args.variants)
-    for name, (signature, p_skip) in variants.items():
-        rins.GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                       signature=signature, p_skip=p_skip)  # raises ValueError naming the problem
-    if not re.fullmatch(r"\d+(,\d+)*", args.seeds):
-        raise ValueError(f"--seeds {args.seeds!r}: write comma-separated integers, e.g. 0,1,2")
+    """Everything that can reject the input, before any training: flags, variants, data, the output folder."""
+    checks = [("seeds", re.fullmatch(r"[0-9]+(,[0-9]+)*", args.seeds), "comma-separated integers, e.g. 0,1,2"),
+              ("steps", args.steps >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
+              ("patch", args.patch >= 1 and IMAGE_SIZE % args.patch == 0, f"a divisor of the image size {IMAGE_SIZE}"),
+              ("learning_rate", args.learning_rate > 0, "> 0"), ("weight_decay", args.weight_decay >= 0, ">= 0"),
+              ("beta1", 0 <= args.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= args.beta2 < 1, "in [0, 1)"),
+              ("warmup_frac", 0 < args.warmup_frac < 1, "in (0, 1)"),
+              ("cooldown_frac", 0 < args.cooldown_frac < 1, "in (0, 1)"),
+              ("tasks", set(args.tasks.split(",")) <= {"siglip", "control"}, "siglip, control or both")]
+    for name, ok, rule in checks:
+        if not ok:
+            raise SystemExit(f"error: --{name} must be {rule}, got {getattr(args, name)!r}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    if args.steps < 1 or args.batch_size < 1:
-        raise ValueError(f"--steps and --batch-size must be positive, got {args.steps} and {args.batch_size}")
-    tasks = args.tasks.split(",")
-    if not set(tasks) <= {"siglip", "control"}:
-        raise ValueError(f"--tasks {args.tasks!r}: choose from siglip, control")
-    if IMAGE_SIZE % args.patch != 0:
-        raise ValueError(f"--patch {args.patch} must divide the image size {IMAGE_SIZE}")
+    if len(set(seeds)) < len(seeds):
+        raise SystemExit(f"error: --seeds repeats a seed: {args.seeds!r}")
+    try:
+        rins.device(args.device)
+        variants = {}
+        for spec in args.variants.split(","):
+            signature, settings = rins.parse_variant(spec, rins.MODEL_KEYS)
+            config = rins.GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                                    signature=signature, **settings)  # raises ValueError naming the problem
+            defaults = {k: getattr(rins.GPTConfig, k) for k in rins.MODEL_KEYS}
+            variants[rins.variant_name(signature, {k: getattr(config, k) for k in defaults}, defaults)] = (signature, settings)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if len(variants) < len(args.variants.split(",")):
+        raise SystemExit(f"error: --variants repeats a variant: {args.variants!r}")
+    try:
+        os.makedirs(os.path.join(args.out_dir, "ckpt"), exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --out_dir {args.out_dir}: {e.strerror}: choose another folder")
     data = load_dataset(args.dataset, args.data_dir)
-    tokens = tokenize_captions(data["descriptions"])
-    return variants, seeds, tasks, data, tokens
-
+    return variants, seeds, args.tasks.split(","), data, tokenize_captions(data["descriptions"])
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        variants, seeds, tasks, data, tokens = setup(args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"eval_siglip.py: error: {e}")
+    variants, seeds, tasks, data, tokens = setup(args)
     n_classes = len(data["descriptions"])
     rows, curves, out = [], [], os.path.join(args.out_dir, data["name"])
     for task in tasks:
-        # the budget: what the baseline AB costs in args.steps steps (RINS.md §3)
-        _, towers = build(task, ("AB", 0.0), args, data, tokens)
+        # the budget: what the baseline AB costs in args.steps steps
+        _, towers = build(task, ("AB", {}), args, data, tokens)
         budget = args.steps * step_cost([(t.config, n) for t, n in towers])
         for seed in seeds:
             for name, variant in variants.items():
                 run_rows, curve = run(task, name, variant, seed, args, data, tokens, budget)
                 rows += run_rows
                 curves.append({"task": task, "variant": name, "seed": seed, "loss": curve})
-                save_atomic(rows, out + ".csv", write_csv)
+    write_csv(rows, out + ".csv")
     summary = summarise(rows)
     table = format_table(summary, 1 / n_classes)
     print(table)
-    save_atomic({"args": vars(args), "torch": torch.__version__, "device": args.device,
-                 "cpu_threads": torch.get_num_threads(),
-                 "rows": rows, "summary": summary, "table": table, "loss_curves": curves}, out + ".json", write_json)
+    results = {"args": vars(args), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "rows": rows,
+               "summary": summary, "table": table, "loss_curves": curves}
+    write_atomic(out + ".json", json.dumps(results, indent=1).encode())
     plot(summary, 1 / n_classes, out + ".png")
-
 
 if __name__ == "__main__":
     main()

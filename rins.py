@@ -1,34 +1,50 @@
 """
-RINS: Recursive INference Scaling (Alabdulmohsin & Zhai, arXiv 2502.07503), in one file.
+RINS: Recursive INference Scaling (Alabdulmohsin & Zhai, arXiv 2502.07503, NeurIPS 2025), in one file.
 
-A GPT whose layers are cut into blocks A, B, ... by a *signature*. "AB" is the plain model;
-"A3B" runs block A three times and then B once: more compute per token, the same parameters.
-Everything that makes a variant different is its *layer schedule*, the list of layer indices
-in execution order; the forward pass just walks it. The exact semantics are in RINS.md:
-  section 2 signatures, degree and schedules   -> parse_signature, layer_schedule
-  section 3 compute accounting                 -> expected_applications, steps_for_budget
-  section 4 stochastic RINS                    -> Transformer.plan
-  section 5 linear adapters                    -> Adapter
-  section 6 KV cache and KV sharing            -> KVCache, Transformer.forward
-The model itself follows nanoGPT's model.py (GPT-2 architecture, init and weight tying).
+Split a model's layers into an early block A and a late block B. RINS feeds A its own output r
+times, then applies B once: x1 = A(x0), x2 = A(x1), ..., y = B(xr). The parameters stay the same;
+the compute per token grows. A *signature* names the layout ("AB" plain, "A3B" RINS with r = 3,
+"ABAB" repeat-all-over) and everything that makes a variant different is its *layer schedule*:
+the list of layer indices in execution order, which the forward pass just walks.
+
+Where each definition lives (the README's "Definitions" section says the same with examples):
+  signature, degree and schedule       -> parse_signature, signature_units, layer_schedule
+  the recursive block and `rounds`     -> recursive_block, Transformer.plan
+  stochastic RINS                      -> Transformer.plan
+  linear adapters                      -> Adapter, adapter_rank
+  KV cache and KV sharing              -> KVCache, Transformer.forward
+  compute accounting                   -> expected_applications, steps_for_budget, GPT.flops_per_token
+  variants "A3B:p_skip=0.5:adapters=1" -> parse_variant
+  learning-rate schedule and AdamW     -> learning_rate, adamw (shared by train.py and eval_siglip.py)
+Choices the paper leaves open are marked [our choice]. The model follows nanoGPT's model.py
+(GPT-2 architecture, initialisation and weight tying).
 """
 
 import inspect
 import math
 import re
+
+import numpy as np
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+MAX_APPLICATIONS = 10_000  # layer applications per forward: a bound that turns a typo like A99999B into an error
+MAX_DEGREE = 16
+
 # -----------------------------------------------------------------------------
-# Signatures: "A3B" -> letters "AAAB"; "(A3B)2" -> letters "AAAB", degree 2 (RINS.md §2)
+# Signatures, degree and schedules
 
 def parse_signature(signature):
     """Return (letters, degree): repeats expanded ("A3B" -> "AAAB"), degree 1 unless "(...)d".
 
-    Raises ValueError naming the problem and its 0-based position in the string.
+    Grammar: a signature is a string of block letters A, B, C, ..., each followed by an optional
+    repeat count (ASCII digits, >= 1); the k distinct letters used must be exactly the first k
+    letters of the alphabet. "(SIG)d" applies SIG inside its own blocks d times (the paper's
+    degree, its Figure 1); a bare signature has degree 1. Groups cannot nest and must enclose the
+    whole signature. Anything else raises ValueError naming the problem and its 0-based position.
     """
     if not isinstance(signature, str) or not signature.strip():
         raise ValueError(f"empty signature {signature!r} at position 0: write blocks as letters, e.g. 'A3B'")
@@ -37,40 +53,34 @@ def parse_signature(signature):
     close = s.find(")") if grouped else len(s)
     if close == -1:
         raise ValueError(f"signature {s!r}: '(' at position 0 is never closed")
-    body_start = 1 if grouped else 0
     if grouped and close == 1:
         raise ValueError(f"signature {s!r}: empty group '()' at position 0")
+    body_start = 1 if grouped else 0
     letters = ""
-    for m in re.finditer(r"([A-Z])(\d*)|(.)", s[body_start:close], re.DOTALL):
+    for m in re.finditer(r"([A-Z])([0-9]*)|(.)", s[body_start:close], re.DOTALL):
         pos = body_start + m.start()
         if m.group(3) is not None:
-            c = m.group(3)
-            if c.isdigit():
-                problem = "a repeat count must follow a letter"
-            elif c == "(":
-                problem = ("groups cannot be nested" if grouped else
-                           "a group '(...)d' must enclose the whole signature")
-            elif c == ")":
-                problem = "')' without a matching '('"
-            else:
-                problem = "blocks are capital letters A, B, C, ... followed by an optional repeat count"
-            raise ValueError(f"signature {s!r}: unexpected {c!r} at position {pos}: {problem}")
-        if m.group(2) and int(m.group(2)) == 0:
-            raise ValueError(f"signature {s!r}: repeat count 0 at position {pos + 1}: "
-                             f"every block runs at least once")
-        letters += m.group(1) * int(m.group(2) or 1)
+            raise ValueError(f"signature {s!r}: unexpected {m.group(3)!r} at position {pos}: "
+                             f"{unexpected_character(m.group(3), grouped)}")
+        count = int(m.group(2) or 1)
+        if count == 0:
+            raise ValueError(f"signature {s!r}: repeat count 0 at position {pos + 1}: every block runs at least once")
+        if len(letters) + count > MAX_APPLICATIONS:
+            raise ValueError(f"signature {s!r}: more than {MAX_APPLICATIONS} blocks by position {pos}: "
+                             f"use a smaller repeat count")
+        letters += m.group(1) * count
     degree = 1
     if grouped:
         tail = s[close + 1:]
-        degree_text = re.match(r"\d*", tail).group()
-        if tail[len(degree_text):]:
-            pos = close + 1 + len(degree_text)
+        digits = re.match(r"[0-9]*", tail).group()
+        if tail[len(digits):]:
+            pos = close + 1 + len(digits)
             raise ValueError(f"signature {s!r}: unexpected {s[pos]!r} at position {pos}: "
                              f"nothing may follow the degree of '(...)d'")
-        degree = int(degree_text or 1)
-        if degree == 0:
-            raise ValueError(f"signature {s!r}: degree 0 at position {close + 1}: degree must be >= 1")
-    # the k distinct letters must be exactly A, B, ..., the k-th letter (RINS.md §2)
+        degree = int(digits or 1)
+        if not 1 <= degree <= MAX_DEGREE:
+            raise ValueError(f"signature {s!r}: degree {degree} at position {close + 1}: "
+                             f"the degree must be in 1..{MAX_DEGREE}")
     k = len(set(letters))
     for m in re.finditer(r"[A-Z]", s):
         if ord(m.group()) - ord("A") >= k:
@@ -78,47 +88,99 @@ def parse_signature(signature):
                              f"distinct blocks the letters must be A..{chr(ord('A') + k - 1)}, no gaps")
     return letters, degree
 
+def unexpected_character(c, grouped):
+    """Why a character that is not a letter with its repeat count cannot stand where it stands."""
+    if c.isdigit():
+        return "a repeat count is ASCII digits after a letter"
+    if c == "(":
+        return "groups cannot be nested" if grouped else "a group '(...)d' must enclose the whole signature"
+    if c == ")":
+        return "')' without a matching '('"
+    return "blocks are capital letters A, B, C, ... followed by an optional repeat count"
 
 def signature_units(signature, n_layer):
-    """The signature's top-level units: one list of layer indices per letter, in order.
+    """The signature's top-level units: one list of layer indices per letter, in execution order.
 
-    For degree d each unit is itself the signature applied (d-1 times) inside that letter's chunk,
-    so "(A3B)2" over 12 layers has units A',A',A',B' with A' = [0,1,2]*3 + [3,4,5] (RINS.md §2).
+    The n_layer layers are cut into k equal consecutive chunks, A first; a letter that appears
+    again reuses its chunk's weights. For degree d each unit is itself the signature applied
+    (d - 1 times) inside that letter's chunk:
+
+        expand(layers, d) = layers                                   if d == 0
+                          = concat(expand(chunk(letter), d - 1) for letter in letters)
+
+    so "(A3B)2" over 12 layers has units A', A', A', B' with A' = [0,1,2] x 3 + [3,4,5] and
+    B' = [6,7,8] x 3 + [9,10,11]. Degree d needs n_layer divisible by k^d.
     """
     letters, degree = parse_signature(signature)
     k = len(set(letters))
     if n_layer % k ** degree != 0:
         raise ValueError(f"signature {signature!r}: n_layer={n_layer} is not divisible by "
                          f"{k}^{degree} = {k ** degree} ({k} blocks, degree {degree})")
+    length = n_layer * (len(letters) / k) ** degree  # the schedule's length, before building it
+    if length > MAX_APPLICATIONS:
+        raise ValueError(f"signature {signature!r}: its schedule has {length:.3g} layer applications over "
+                         f"{n_layer} layers, more than {MAX_APPLICATIONS}: use fewer repeats or a lower degree")
 
     def expand(layers, d):
         if d == 0:
             return list(layers)
         size = len(layers) // k
-        chunks = [layers[i * size:(i + 1) * size] for i in range(k)]
-        return [i for c in letters for i in expand(chunks[ord(c) - ord("A")], d - 1)]
+        return [i for c in letters for i in expand(layers[(ord(c) - 65) * size:(ord(c) - 64) * size], d - 1)]
 
     size = n_layer // k
-    chunks = [list(range(i * size, (i + 1) * size)) for i in range(k)]
-    return [expand(chunks[ord(c) - ord("A")], degree - 1) for c in letters]
-
+    return [expand(range((ord(c) - 65) * size, (ord(c) - 64) * size), degree - 1) for c in letters]
 
 def layer_schedule(signature, n_layer):
     """Layer indices in execution order, e.g. layer_schedule("A2B", 4) == [0, 1, 0, 1, 2, 3]."""
     return [i for unit in signature_units(signature, n_layer) for i in unit]
 
+def recursive_block(units):
+    """(start, r) of the one run of r >= 2 identical consecutive units, or None.
 
-def recursive_run(signature):
-    """(start, r) of the one run of a repeated letter ("A3B" -> (0, 3)), the block `rounds` sets.
-
-    Only signatures with exactly one such run (A^rB, AB3, A2BC, (A3B)2, ...) have a recursive block.
+    That run is the *recursive block* whose rounds `rounds` sets at inference: A in A3B (0, 3),
+    B in AB3 (1, 3), A' in (A3B)2 (0, 3). AB, ABAB and A2B2C (two runs) have none.
     """
-    letters, _ = parse_signature(signature)
-    runs = [(m.start(), len(m.group())) for m in re.finditer(r"(.)\1+", letters)]
-    if len(runs) != 1:
-        raise ValueError(f"rounds needs a signature with exactly one repeated block, like 'A3B'; "
-                         f"{signature!r} has {len(runs)}")
-    return runs[0]
+    runs, start = [], 0
+    for i in range(1, len(units) + 1):
+        if i == len(units) or units[i] != units[start]:
+            if i - start >= 2:
+                runs.append((start, i - start))
+            start = i
+    return runs[0] if len(runs) == 1 else None
+
+# -----------------------------------------------------------------------------
+# Variants: "A3B:p_skip=0.5:adapters=1", one syntax for train.py and eval_siglip.py
+
+def flag(text):
+    """A boolean override: exactly 0 or 1."""
+    if text not in ("0", "1"):
+        raise ValueError(f"write 0 or 1, not {text!r}")
+    return text == "1"
+
+# the keys a variant may override in every script, with their parsers; a script adds its own
+MODEL_KEYS = {"p_skip": float, "adapters": flag, "adapter_rank": int, "share_kv": flag}
+
+def parse_variant(spec, keys):
+    """'A3B:p_skip=0.5:adapters=1' -> ('A3B', {'p_skip': 0.5, 'adapters': True}).
+
+    keys: the allowed override keys and their parsers. Raises ValueError naming the bad part.
+    """
+    signature, *overrides = spec.strip().split(":")
+    settings = {}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        try:
+            settings[key] = keys[key](value)
+        except (KeyError, ValueError) as e:
+            why = f"keys are {', '.join(keys)}" if key not in keys else str(e)
+            raise ValueError(f"variant {spec!r}: bad override {override!r} ({why}); write SIG:key=value:...") from None
+    return signature, settings
+
+def variant_name(signature, settings, defaults):
+    """The canonical variant string: the signature and every setting that differs from its default,
+    in the order of `defaults` ("A3B:p_skip=0.5:adapters=1"). Runs are grouped by it in reports."""
+    changed = [(k, settings[k]) for k in defaults if settings[k] != defaults[k]]
+    return signature + "".join(f":{k}={int(v) if isinstance(v, bool) else v}" for k, v in changed)
 
 # -----------------------------------------------------------------------------
 # Model
@@ -132,18 +194,20 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True        # bias in Linears and LayerNorms, like GPT-2
-    signature: str = "AB"    # RINS.md §2: "AB" plain, "A3B" RINS r=3, "ABAB" repeat-all-over, "(A3B)2"
-    p_skip: float = 0.0      # RINS.md §4: skip probability of the units between first and last
-    adapters: bool = False   # RINS.md §5: a linear adapter after each unit but the last
+    signature: str = "AB"    # "AB" plain, "A3B" RINS r=3, "ABAB" repeat-all-over, "(A3B)2" degree 2
+    p_skip: float = 0.0      # stochastic RINS: skip probability of every unit between the first and the last
+    adapters: bool = False   # a linear adapter after each unit but the last
     adapter_rank: int = 0    # 0: full rank if all adapters fit in 1% of the parameters, else the largest that does
-    share_kv: bool = False   # RINS.md §6: later applications of a layer reuse its first application's K, V
+    share_kv: bool = False   # later applications of a layer reuse its first application's K, V
     causal: bool = True      # False: bidirectional encoder (SigLIP towers)
 
     def __post_init__(self):
-        """Reject a bad configuration before any compute, with a message that says what to change."""
+        """Reject a bad configuration before any compute, with a message that says what to change;
+        parse the signature once: its units and its recursive block (None for AB, ABAB)."""
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
@@ -152,8 +216,8 @@ class GPTConfig:
             raise ValueError(f"p_skip must be in [0, 1], got {self.p_skip}")
         if not 0 <= self.adapter_rank <= self.n_embd:
             raise ValueError(f"adapter_rank must be in [0, n_embd={self.n_embd}], got {self.adapter_rank}")
-        signature_units(self.signature, self.n_layer)  # raises ValueError on a bad signature
-
+        self.units = signature_units(self.signature, self.n_layer)  # derived, so not a dataclass field
+        self.recursive = recursive_block(self.units)
 
 class SelfAttention(nn.Module):
 
@@ -169,8 +233,8 @@ class SelfAttention(nn.Module):
     def forward(self, x, kv=None, cache=None):
         """Attend from x; returns (output, (k, v)) so a later application can share k, v.
 
-        kv: keys and values from this layer's first application (KV sharing, RINS.md §6); then
-            only the queries are computed here. cache: this schedule position's LayerCache.
+        kv: keys and values from this layer's first application (KV sharing); then only the
+            queries are computed here. cache: this schedule position's LayerCache.
         """
         B, T, C = x.size()
         heads = lambda t: t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
@@ -188,7 +252,6 @@ class SelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
-
 class MLP(nn.Module):
 
     def __init__(self, config):
@@ -200,7 +263,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
-
 
 class Block(nn.Module):
 
@@ -217,12 +279,11 @@ class Block(nn.Module):
         x = x + self.mlp(self.ln_2(x))
         return x, kv
 
-
 class Adapter(nn.Module):
-    """x -> x + W x, W zero-initialised so an untrained adapter is the identity (RINS.md §5).
-
-    Full rank W (d x d) when it fits the budget, else W = U V with U zero and V random, so the
-    map starts at zero but U still receives gradients.
+    """x -> x + W x after a round of the recursive block. The paper adds linear adapters under 1% of
+    the parameters; [our choice] one per unit but the last, zero-initialised W (an untrained adapter
+    is the identity), no bias. Full rank W (d x d) when all adapters fit the 1% budget, else
+    W = U V with U zero and V random, so the map starts at zero but U still receives gradients.
     """
 
     def __init__(self, n_embd, rank):
@@ -233,9 +294,14 @@ class Adapter(nn.Module):
     def forward(self, x):
         return x + self.up(x if self.down is None else self.down(x))
 
+def adapter_rank(d, n_adapters, n_params):
+    """The largest adapter rank that keeps n_adapters adapters under 1% of n_params: full rank (d)
+    if d x d maps fit, else low rank, each of U, V costing rank x d."""
+    budget = 0.01 * n_params / max(1, n_adapters)
+    return d if d * d <= budget else max(1, int(budget // (2 * d)))
 
 class LayerCache:
-    """Keys and values of one schedule position, preallocated to block_size (RINS.md §6)."""
+    """Keys and values of one schedule position, preallocated to block_size."""
 
     def __init__(self, max_len):
         self.max_len, self.length, self.k, self.v = max_len, 0, None, None
@@ -252,9 +318,10 @@ class LayerCache:
         self.length += T
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
-
 class KVCache:
-    """One LayerCache per schedule position, or per distinct layer with KV sharing (RINS.md §6)."""
+    """The KV cache of a recursive model is keyed by *schedule position*, not by layer: a layer
+    that runs three times has three caches (A3B with A = half the layers: 2x the baseline's
+    memory). With KV sharing there is one slot per distinct layer, the baseline's memory."""
 
     def __init__(self, n_slots, max_len):
         self.slots = [LayerCache(max_len) for _ in range(n_slots)]
@@ -267,7 +334,6 @@ class KVCache:
     def nbytes(self):
         return sum(t.numel() * t.element_size() for s in self.slots for t in (s.k, s.v) if t is not None)
 
-
 class Transformer(nn.Module):
     """The stack of blocks, walked in the order the signature's schedule gives, then LayerNorm.
 
@@ -277,16 +343,14 @@ class Transformer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.units = signature_units(config.signature, config.n_layer)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
-        # one adapter after each unit but the last, so after each round of A in A^rB (RINS.md §5)
-        n_adapters = len(self.units) - 1 if config.adapters else 0
+        n_adapters = len(config.units) - 1 if config.adapters else 0  # after each round of A in A^rB
         rank = config.adapter_rank or adapter_rank(config.n_embd, n_adapters, self.num_params())
         self.adapters = nn.ModuleList([Adapter(config.n_embd, rank) for _ in range(n_adapters)])
         # stochastic rounds draw from their own generator: identical on every DDP rank, saved in checkpoints
         self.skip_rng = torch.Generator().manual_seed(torch.initial_seed())
-        # what the last forward executed, for cost accounting (RINS.md §3)
+        # what the last forward executed, for cost accounting
         self.applications = self.kv_reuses = self.adapters_run = 0
 
     def num_params(self):
@@ -295,17 +359,23 @@ class Transformer(nn.Module):
     def plan(self, rounds=None):
         """The units to run now, as (layers, adapter index or None) pairs.
 
-        rounds: run the recursive block this many times (1 = the baseline's cost, > r extrapolates).
-        Else in training with p_skip > 0 every unit but the first and the last is skipped with
-        probability p_skip, drawn once per forward, so a skipped unit costs nothing (RINS.md §4).
+        rounds: run the recursive block this many times (1 = the baseline's cost, > r extrapolates;
+            [our choice] an extrapolated round has no adapter of its own).
+        Stochastic RINS: in training with p_skip > 0, every unit but the first and the last is
+            skipped with probability p_skip, so A^rB runs 1 + Binomial(r - 1, 1 - p_skip) rounds of
+            A. [our choice] One draw per forward (per training micro-batch), not per example, so a
+            skipped unit really saves its compute; a skipped round skips its adapter too.
+        Otherwise every unit runs: evaluation is deterministic.
         """
-        units = [(layers, u if u < len(self.adapters) else None) for u, layers in enumerate(self.units)]
+        units = [(layers, u if u < len(self.adapters) else None) for u, layers in enumerate(self.config.units)]
         if rounds is not None:
+            if self.config.recursive is None:
+                raise ValueError(f"rounds needs a signature with exactly one repeated block, like 'A3B'; "
+                                 f"{self.config.signature!r} has none")
             if not isinstance(rounds, int) or rounds < 1:
                 raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
-            start, r = recursive_run(self.config.signature)
+            start, r = self.config.recursive
             block = units[start][0]
-            # an extrapolated round (beyond r) has no adapter of its own [our choice]
             rounds_run = [(block, units[start + j][1] if j < r else None) for j in range(rounds)]
             return units[:start] + rounds_run + units[start + r:]
         if self.training and self.config.p_skip > 0 and len(units) > 2:
@@ -319,9 +389,12 @@ class Transformer(nn.Module):
         return KVCache(n_slots, self.config.block_size)
 
     def forward(self, x, rounds=None, cache=None):
+        """Walk the plan. KV sharing [our choice]: every later application of a layer attends with the
+        keys and values its *first* application computed in this forward (later rounds compute
+        queries only), the same rule with and without a cache, so both give the same logits."""
         if cache is not None and self.training:
             raise ValueError("cached generation needs model.eval(): the plan must not change between tokens")
-        first_kv = {}  # layer -> (k, v) of its first application, for KV sharing (RINS.md §6)
+        first_kv = {}  # layer -> (k, v) of its first application
         applications = reuses = adapters_run = 0
         for layers, adapter in self.plan(rounds):
             for layer in layers:
@@ -339,17 +412,9 @@ class Transformer(nn.Module):
         self.applications, self.kv_reuses, self.adapters_run = applications, reuses, adapters_run
         return self.ln_f(x)
 
-
-def adapter_rank(d, n_adapters, n_params):
-    """The largest adapter rank that keeps n_adapters adapters under 1% of n_params (RINS.md §5):
-    full rank (d) if d x d maps fit, else low rank, each of U, V costing rank x d."""
-    budget = 0.01 * n_params / max(1, n_adapters)
-    return d if d * d <= budget else max(1, int(budget // (2 * d)))
-
-
 def init_gpt2(model, n_layer):
     """GPT-2 initialisation: N(0, 0.02) weights, zero biases, residual projections scaled by
-    1/sqrt(2 n_layer) (GPT-2 paper); adapters zeroed so they start as the identity (RINS.md §5)."""
+    1/sqrt(2 n_layer) (GPT-2 paper); adapters zeroed so they start as the identity."""
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(m.weight, mean=0.0, std=0.02)
@@ -361,7 +426,6 @@ def init_gpt2(model, n_layer):
     for m in model.modules():
         if isinstance(m, Adapter):
             torch.nn.init.zeros_(m.up.weight)
-
 
 class GPT(nn.Module):
 
@@ -417,8 +481,9 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, rounds=None, use_cache=True):
         """Sample max_new_tokens after idx (B, T), with a KV cache unless use_cache=False.
 
-        Once the sequence outgrows block_size, each step re-reads the last block_size tokens
-        without the cache, exactly as the uncached loop does, so both give the same logits.
+        temperature 0 is greedy decoding (the most likely token). [our choice] Once the sequence
+        outgrows block_size, each step re-reads the last block_size tokens without the cache,
+        exactly as the uncached loop does, so both give the same logits.
         """
         cache = None
         for _ in range(max_new_tokens):
@@ -429,27 +494,23 @@ class GPT(nn.Module):
                 logits, _ = self(idx, rounds=rounds, cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], rounds=rounds, cache=cache)
-            logits = logits[:, -1, :] / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            probs = F.softmax(logits, dim=-1)
-            idx = torch.cat((idx, torch.multinomial(probs, num_samples=1)), dim=1)
+            logits = logits[:, -1, :]
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
         return idx
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on matrices only, fused on CUDA (nanoGPT)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (forward + backward) of the last forward, counted on what ran.
 
-        nanoGPT's 6N + 12LCT with L = executed layer applications (RINS.md §3), not n_layer; an
-        application that reuses shared K, V skips the 2 C^2 key/value projection.
+        nanoGPT's 6N + 12LCT with L = executed layer applications, not n_layer; an application
+        that reuses shared K, V skips the 2 C^2 key/value projection.
         """
         C, t = self.config.n_embd, self.transformer
         per_layer = sum(p.numel() for p in t.h[0].parameters())
@@ -459,27 +520,64 @@ class GPT(nn.Module):
         return 6 * matmul_params + 12 * C * seq_len * t.applications
 
 # -----------------------------------------------------------------------------
-# Compute accounting (RINS.md §3): cost = layer applications x tokens
+# Compute accounting: the training cost is layer applications x tokens (the paper's "layer x step")
+#
+# The embedding and the LM head are common to all variants. A run whose schedule has length D,
+# at T tokens per step, costs D T per step; under the budget of a baseline of L layers for S steps
+# it gets S L / D steps (A2B 2/3 of the steps, A3B and ABAB 1/2, (A3B)2 1/4), so the recursive
+# models see fewer tokens. A run stops when its *executed* cost reaches the budget.
 
 def expected_applications(config):
     """Expected layer applications per training forward: every unit but the first and the last
-    runs with probability 1 - p_skip (RINS.md §4); without p_skip, the schedule's length."""
-    units = signature_units(config.signature, config.n_layer)
+    runs with probability 1 - p_skip; without p_skip, the schedule's length."""
+    units = config.units
     if len(units) <= 2:
         return float(sum(map(len, units)))
     middle = sum(len(u) for u in units[1:-1])
     return len(units[0]) + len(units[-1]) + (1 - config.p_skip) * middle
 
+def steps_for_budget(budget, step_cost):
+    """Steps a run plans under a budget, each costing step_cost = expected applications x tokens
+    (summed over towers for SigLIP); [our choice] the budget is rounded to whole steps."""
+    return max(1, round(budget / step_cost))
 
-def steps_for_budget(budget, config, tokens_per_step):
-    """Steps a run plans under a budget of layer applications x tokens (A3B: half the AB steps)."""
-    return max(1, round(budget / (expected_applications(config) * tokens_per_step)))
+# -----------------------------------------------------------------------------
+# Optimisation, shared by train.py and eval_siglip.py
 
+def learning_rate(peak, progress, warmup, cooldown):
+    """The LR when a fraction `progress` of the run's own budget has executed.
+
+    [our choice] big_vision's "rsqrt" schedule laid on each run's own length: linear warm-up to `peak`
+    over the fraction `warmup`, inverse-square-root decay after it, and a linear cool-down over the last
+    fraction `cooldown` that reaches zero exactly at the end of the budget.
+    """
+    lr = peak * min(1.0, progress / warmup)
+    lr *= math.sqrt(warmup / max(progress, warmup))
+    return lr * max(0.0, min(1.0, (1 - progress) / cooldown))
+
+def adamw(model, weight_decay, learning_rate, betas, device_type):
+    """AdamW with weight decay on matrices only (not biases, LayerNorms, scalars), fused on CUDA (nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+def device(name):
+    """torch.device(name) for cpu or an available cuda device; ValueError naming the fix otherwise."""
+    try:
+        d = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name!r}: only cpu and cuda are supported")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name!r}: CUDA is not available here: use cpu")
+    return d
 
 # dense bf16 tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name()
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
                    "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
-
 
 def peak_flops(device):
     """The device's dense bf16 peak, for MFU; None on CPU or for an unknown GPU."""
@@ -488,3 +586,65 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+# -----------------------------------------------------------------------------
+# When recursion pays: the data scaling law and the effective-compute ratio
+
+def fit_scaling_law(x, y):
+    """Least-squares fit of loss = beta * x^(-c) + eps_inf (the paper's data scaling law) with numpy only.
+
+    For a fixed eps_inf the law is a line in log-log space, log(loss - eps_inf) = log(beta) - c log(x),
+    fitted exactly; eps_inf in [0, min(loss)) is chosen as the one whose line fits the losses best
+    (squared error), on a grid refined by golden-section search. Keeping eps_inf in that range is
+    what makes the fit well posed on short curves (else c -> 0 with beta and -eps_inf -> infinity).
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+    def fit(eps):
+        slope, intercept = np.polyfit(np.log(x), np.log(y - eps), 1)
+        beta, c = math.exp(intercept), -float(slope)
+        return float(np.sum((beta * x ** -c + eps - y) ** 2)), beta, c
+
+    grid = y.min() * (1 - np.logspace(-6, 0, 300))  # from just below min(loss) down to 0
+    i = int(np.argmin([fit(eps)[0] for eps in grid]))
+    lo, hi = grid[min(i + 1, len(grid) - 1)], grid[max(i - 1, 0)]
+    golden = (math.sqrt(5) - 1) / 2
+    for _ in range(80):
+        e1, e2 = hi - golden * (hi - lo), lo + golden * (hi - lo)
+        if fit(e1)[0] < fit(e2)[0]:
+            hi = e2
+        else:
+            lo = e1
+    eps_inf = (lo + hi) / 2
+    sse, beta, c = fit(eps_inf)
+    return dict(beta=beta, c=c, eps_inf=float(eps_inf), rmse=math.sqrt(sse / len(x)))
+
+def law_across_budgets(budgets, n_boot=200, seed=0):
+    """The law fitted across budgets: budgets holds, per budget, the (cost, final loss) of its runs
+    (its seeds), each the end of a full LR schedule. Uncertainty: the std over a bootstrap that
+    resamples each budget's runs with replacement, so it sees the spread over seeds and only it."""
+    rng = np.random.default_rng(seed)
+    law = lambda points: fit_scaling_law(*zip(*points))
+    fit = law([p for runs in budgets for p in runs])
+    boot = [law([runs[i] for runs in budgets for i in rng.integers(len(runs), size=len(runs))]) for _ in range(n_boot)]
+    return dict(beta=fit["beta"], c=fit["c"], eps_inf=fit["eps_inf"], c_std=float(np.std([b["c"] for b in boot])),
+                eps_inf_std=float(np.std([b["eps_inf"] for b in boot])))
+
+def effective_compute(loss, cost, baseline):
+    """The effective-compute ratio: the training compute at which the baseline reaches `loss`, over `cost`.
+
+    baseline: (cost, final loss) of the baseline at several budgets, each the end of a full schedule
+    (mean over seeds). The compute is interpolated linearly in log compute between the two budgets
+    whose losses bracket `loss`, on the baseline's running best (the first budget that reaches it).
+    Above 1: the variant beats the baseline at equal compute. Outside the baseline's range the
+    ratio is only a bound: returns (ratio at the nearest end, ">" or "<"), else (ratio, "").
+    """
+    costs, losses = zip(*sorted(baseline))
+    best = np.minimum.accumulate(losses)
+    if loss <= best[-1]:
+        return costs[-1] / cost, ">" if loss < best[-1] else ""
+    if loss >= best[0]:
+        return costs[0] / cost, "<" if loss > best[0] else ""
+    i = int(np.argmax(best <= loss))  # the first budget at or below the loss; best[i - 1] is above it
+    w = (best[i - 1] - loss) / (best[i - 1] - best[i])
+    return math.exp((1 - w) * math.log(costs[i - 1]) + w * math.log(costs[i])) / cost, ""

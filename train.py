@@ -1,31 +1,23 @@
 """
-Train RINS language models at the same training compute, compare them, and sample from them.
-nanoGPT's train.py, with the budget counted in executed layer applications x tokens (RINS.md §3).
+Train RINS language models at the same training compute, compare them, and sample from them:
+nanoGPT's train.py with the budget counted in executed layer applications x tokens.
 
-    python data/prepare.py && python train.py --compare        # CPU default: AB, A3B, ABAB, ~10 minutes
-    python train.py --signature A3B --p_skip 0.5 --adapters     # one run
-    python train.py --variants "AB,A2B,A3B,ABAB,(A3B)2,A3B:p_skip=0.5:adapters=1,AB:block_size=512:batch_size=8" \\
-        --budget_steps 1000,2000 --seeds 0,1,2 --out_dir results/sweep
+    python train.py --compare                                # CPU default: AB, A3B, ABAB, ~10 minutes
+    python train.py --variants "AB,A3B,A3B:p_skip=0.5:adapters=1" --budget_steps 1500,3000 --seeds 0,1
+    python train.py --report out                             # the table and plot again, no training
     python train.py --sample --ckpt out/A3B_b1200_s0/ckpt.pt --rounds 1
-    python train.py --report results/lm --variants AB,A3B --plot a3b.png   # tables again, no training
-    torchrun --standalone --nproc_per_node=8 train.py ...       # DDP: NCCL on GPUs, gloo on CPU
+    python train.py --bench                                  # speed, measured side by side
+    torchrun --standalone --nproc_per_node=8 train.py ...    # DDP: NCCL on GPUs, gloo on CPU
 
-A variant is a signature with optional overrides "SIG:key=value:..." (keys: VARIANT_KEYS), so
-"AB:block_size=512:batch_size=8" is the long-context baseline at the same tokens per step. Every
-run gets the same budget: --budget_steps steps of the baseline (n_layer applications) at the
-base batch. A run plans its steps from its expected schedule length, lays its LR schedule on its
-own length and stops when its executed cost reaches the budget. After training it is evaluated
-at several inference depths (rounds 1, r, r+1 for the A^rB family).
-
-Outputs in --out_dir: <run>/ckpt.pt and <run>/run.json per run; results.csv and results.json
-(one row per run x eval depth), curves.json (val loss vs cost), loss_vs_cost.png (if matplotlib).
---report DIR rebuilds them from the run.json files in DIR, e.g. after runs on several machines;
-with --variants or --budget_steps it prints and plots only those runs, leaving DIR's results files.
+A variant is a signature with overrides, "SIG:key=value:..." (keys: VARIANT_KEYS); the flags give every
+value a variant does not override. The README's "Training at the same compute" says how runs are planned.
 """
 
 import argparse
 import csv
+import fcntl
 import glob
+import io
 import json
 import math
 import os
@@ -33,7 +25,7 @@ import re
 import statistics
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -43,25 +35,25 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import rins
-from data.prepare import gpt2_encoding, prepare_command
+from data.prepare import codec, load_prepared, read_json, write_atomic
 from rins import GPT, GPTConfig
 
-CPU_DEFAULT_VARIANTS = "AB,A3B,ABAB"
+DEFAULT_VARIANTS = "AB,A3B,ABAB"
 EVAL_SEED = 1234  # validation batches are the same for every evaluation of every run
-# overrides a variant may carry, with their parsers: "A3B:p_skip=0.5:adapters=1"
-VARIANT_KEYS = {"p_skip": float, "adapters": lambda v: bool(int(v)), "adapter_rank": int,
-                "share_kv": lambda v: bool(int(v)), "block_size": int, "batch_size": int, "learning_rate": float}
+VARIANT_KEYS = {**rins.MODEL_KEYS, "block_size": int, "batch_size": int, "learning_rate": float}
+LOCKS = []  # the open lock files of this process's runs: a lock lives as long as its file is open
+STANDING = ("where it stands: the README's regime study (results/regime) measures the effective-compute "
+            "ratio of A^rB against AB from 26 to 1000 tokens per parameter")
 
-
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--compare", action="store_true", help=f"train --variants (default {CPU_DEFAULT_VARIANTS})")
+    mode.add_argument("--compare", action="store_true", help=f"train --variants (default {DEFAULT_VARIANTS})")
     mode.add_argument("--sample", action="store_true", help="generate text from --ckpt")
     mode.add_argument("--bench", action="store_true", help="measure speed side by side (no data needed)")
-    mode.add_argument("--report", metavar="DIR", help="tables and plot again from the finished runs in DIR")
+    mode.add_argument("--report", metavar="DIR", help="the table and plot again from the runs in DIR")
     # data
-    p.add_argument("--dataset", default="shakespeare_char", help="a folder under --data_dir made by data/prepare.py")
+    p.add_argument("--dataset", default="shakespeare_char", help="made by data/prepare.py")
     p.add_argument("--data_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
     # model (defaults: the CPU char-level model)
     p.add_argument("--n_layer", type=int, default=4)
@@ -69,16 +61,15 @@ def parse_args(argv=None):
     p.add_argument("--n_embd", type=int, default=96)
     p.add_argument("--block_size", type=int, default=64)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True)
-    # RINS (single run; --variants overrides)
-    p.add_argument("--signature", default="AB", help="RINS.md §2, e.g. AB, A3B, ABAB, (A3B)2")
-    p.add_argument("--p_skip", type=float, default=0.0, help="stochastic RINS, RINS.md §4")
-    p.add_argument("--adapters", action="store_true", help="linear adapters, RINS.md §5")
+    # RINS: the defaults of every variant
+    p.add_argument("--signature", default="AB", help="e.g. AB, A3B, ABAB, (A3B)2 (README: Definitions)")
+    p.add_argument("--p_skip", type=float, default=0.0, help="stochastic RINS: skip probability")
+    p.add_argument("--adapters", action="store_true", help="a linear adapter after each round")
     p.add_argument("--adapter_rank", type=int, default=0, help="0: automatic (under 1%% of the parameters)")
-    p.add_argument("--share_kv", action="store_true", help="KV sharing, RINS.md §6")
+    p.add_argument("--share_kv", action="store_true", help="later rounds reuse round 1's keys and values")
     # comparison
     p.add_argument("--variants", help="comma-separated variants, e.g. 'AB,A3B,A3B:p_skip=0.5:adapters=1'")
-    p.add_argument("--budget_steps", help="budget in steps of the baseline (default 1200); a list sweeps budgets")
+    p.add_argument("--budget_steps", help="in steps of the baseline AB (default 1200)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; a seed makes a CPU run reproducible")
     # optimisation
     p.add_argument("--batch_size", type=int, default=32, help="sequences per micro-batch per process")
@@ -88,203 +79,336 @@ def parse_args(argv=None):
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--beta2", type=float, default=0.99)
     p.add_argument("--grad_clip", type=float, default=1.0, help="0: no clipping")
-    p.add_argument("--warmup_frac", type=float, default=0.05,
-                   help="warm-up steps as a fraction of --budget_steps: the same number of steps for every variant")
+    p.add_argument("--warmup_frac", type=float, default=0.05, help="warm-up, of --budget_steps")
     p.add_argument("--cooldown_frac", type=float, default=0.2, help="of the run's own budget")
-    # evaluation, logging, checkpoints
-    p.add_argument("--eval_points", type=int, default=10, help="evaluations (and checkpoints) per run, evenly in cost")
+    # evaluation, checkpoints, results
+    p.add_argument("--eval_points", type=int, default=10, help="evaluations and checkpoints per run")
     p.add_argument("--eval_iters", type=int, default=20, help="validation batches per evaluation")
     p.add_argument("--log_interval", type=int, default=10, help="steps between logged train losses")
     p.add_argument("--out_dir", default="out")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs, reuse finished ones")
+    p.add_argument("--baseline", default="AB", help="the variant effective compute is measured against")
+    p.add_argument("--plot", help="--report: the plot's path (default DIR/loss_vs_cost.png, DIR/report.png "
+                                  "for a subset)")
     # system
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks")
-    # report
-    p.add_argument("--plot", help="--report: where to draw the plot (default DIR/loss_vs_cost.png, or DIR/report.png for a subset)")
     # sampling
     p.add_argument("--ckpt", help="checkpoint to sample from")
     p.add_argument("--start", default="\n", help="prompt")
-    p.add_argument("--rounds", type=int, help="rounds of the recursive block at inference (default: as trained)")
+    p.add_argument("--rounds", type=int, help="rounds of the recursive block (default: as trained)")
     p.add_argument("--num_samples", type=int, default=2)
     p.add_argument("--max_new_tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top_k", type=int, default=200)
     # benchmark
-    p.add_argument("--bench_vocab", type=int, default=65, help="vocabulary of --bench models (65: char Shakespeare)")
+    p.add_argument("--bench_vocab", type=int, default=65, help="vocabulary of --bench models")
     p.add_argument("--bench_repeats", type=int, default=10, help="timed rounds per measurement in --bench")
-    args = p.parse_args(argv)
-    if args.report:  # --variants and --budget_steps select runs; left out, they keep every run in DIR
-        args.variants = args.variants and [v.strip() for v in args.variants.split(",")]
-        args.budget_steps = args.budget_steps and int_list(args.budget_steps, "--budget_steps")
-        return args
-    if args.compare and not args.variants:
-        args.variants = CPU_DEFAULT_VARIANTS
-    args.variants = [v.strip() for v in (args.variants or variant_of_flags(args)).split(",")]
-    args.budget_steps = int_list(args.budget_steps or "1200", "--budget_steps")
+    return p
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    # one run from the flags, or the listed variants; --report keeps every run unless they select some
+    default = DEFAULT_VARIANTS if args.compare else None if args.report else args.signature
+    variants = args.variants or default
+    args.variants = variants and [v.strip() for v in variants.split(",")]
+    args.budget_steps = int_list(args.budget_steps or ("" if args.report else "1200"), "--budget_steps")
     args.seeds = int_list(args.seeds, "--seeds")
-    return args
-
-
-def variant_of_flags(args):
-    """The single run's variant string, from --signature and the RINS flags."""
-    return args.signature + "".join(f":{k}={int(v) if isinstance(v, bool) else v}" for k, v in (
-        ("p_skip", args.p_skip), ("adapters", args.adapters), ("adapter_rank", args.adapter_rank),
-        ("share_kv", args.share_kv)) if v)
-
+    try:
+        return (sample if args.sample else bench if args.bench else report if args.report else compare)(args)
+    except KeyboardInterrupt:  # checkpoints are written atomically, so the last one is whole
+        raise SystemExit(f"\ninterrupted: finished runs and the current run's last checkpoint are in "
+                         f"{args.out_dir}/; run the same command with --resume to continue")
 
 def int_list(text, flag):
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"error: {flag} takes comma-separated integers, got {text!r}")
+    require(re.fullmatch(r"(-?[0-9]+(,-?[0-9]+)*)?", text.replace(" ", "")),
+            f"{flag} takes comma-separated integers, got {text!r}")
+    values = [int(x) for x in text.split(",") if x.strip()]
+    require(len(set(values)) == len(values), f"{flag} repeats a value: {text!r}")
+    return values
+
+def require(ok, message):
+    """Bad input stops here, before any compute, with one line that says what to change."""
+    if not ok:
+        raise SystemExit(f"error: {message}")
+
+def check_flags(args, rules):
+    for name, ok, rule in rules:
+        require(ok, f"--{name} must be {rule}, got {getattr(args, name)}")
 
 # -----------------------------------------------------------------------------
-# Runs: everything that defines one, checked before any compute
+# The comparison: plan and check every run, train each to its budget, write the results
 
+@dataclass
+class TrainConfig:
+    """A run's training settings, beside its GPTConfig. Saved with the run; --resume refuses a change."""
+    dataset: str
+    data_fingerprint: str  # of meta.json: a dataset prepared again from other text is another run
+    seed: int
+    budget_steps: int      # the budget in steps of the baseline AB at the flags' batch ...
+    budget: int            # ... and in layer applications x tokens, the same for every variant
+    batch_size: int        # sequences per micro-batch per process
+    grad_accum: int
+    world_size: int
+    learning_rate: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    grad_clip: float
+    warmup_steps: int      # the same for every variant of a comparison
+    cooldown_frac: float   # of the run's own budget
+    eval_points: int
+    eval_iters: int
+    log_interval: int
+
+@dataclass
+class Run:
+    name: str
+    variant: str  # canonical: "A3B:p_skip=0.5:learning_rate=0.0025" (make_run)
+    model: GPTConfig
+    train: TrainConfig
+
+def compare(args):
+    """The main job: train every variant x budget x seed (or reuse finished runs), then the table."""
+    device = check_device(args.device)
+    train_data, val_data, meta = load_prepared(args.data_dir, args.dataset)
+    runs = plan_runs(args, meta, len(train_data), len(val_data), int(os.environ.get("WORLD_SIZE", 1)))
+    ddp = "RANK" in os.environ  # launched by torchrun
+    if ddp:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.set_float32_matmul_precision("high")  # on GPUs, TF32 for what autocast leaves in float32
+    master = not ddp or dist.get_rank() == 0
+    records = []
+    for run in runs:
+        path = os.path.join(args.out_dir, run.name, "run.json")
+        record = read_json(path)  # a finished run is reused
+        if record is None:
+            record = train(run, os.path.dirname(path), train_data, val_data, meta, device, ddp, args.compile)
+            if master:
+                write_atomic(path, json.dumps(record).encode())
+        if master:
+            print_run(record)
+        records.append(record)
+    if master:
+        print_summary(records, write_results(args.out_dir, records, None, args.baseline), args.baseline)
+        print(STANDING)
+    if ddp:
+        dist.destroy_process_group()
+    return records
 
 def plan_runs(args, meta, n_train, n_val, world_size):
-    """One run per budget x seed x variant, each a dict {"name", "variant", "model", "train"}."""
-    check_training_flags(args)
+    """One Run per budget x seed x variant, every flag, setting and file checked before any compute."""
+    positive = ("batch_size", "grad_accum", "eval_points", "eval_iters", "log_interval")
+    check_flags(args, [(k, getattr(args, k) >= 1, ">= 1") for k in positive] + [
+        ("budget_steps", min(args.budget_steps) >= 1, ">= 1"), ("seeds", min(args.seeds) >= 0, ">= 0"),
+        ("warmup_frac", 0 < args.warmup_frac < 1, "in (0, 1)"),
+        ("cooldown_frac", 0 < args.cooldown_frac < 1, "in (0, 1)"),
+        ("weight_decay", args.weight_decay >= 0, ">= 0"), ("grad_clip", args.grad_clip >= 0, ">= 0 (0: off)"),
+        ("beta1", 0 <= args.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= args.beta2 < 1, "in [0, 1)")])
     runs = [make_run(args, spec, budget_steps, seed, meta, world_size)
             for budget_steps in args.budget_steps for seed in args.seeds for spec in args.variants]
-    names = [run["name"] for run in runs]
-    if len(set(names)) < len(names):
-        raise SystemExit(f"error: variants repeat a run: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    names = [run.name for run in runs]
+    require(len(set(names)) == len(names), f"two variants make the same run: {names}")
     for run in runs:
-        T = run["model"]["block_size"]
-        if min(n_train, n_val) <= T:
-            raise SystemExit(f"error: {run['name']}: block_size {T} needs more tokens than the data has "
-                             f"(train {n_train}, val {n_val})")
-        saved = saved_run(os.path.join(args.out_dir, run["name"]))
-        if saved:
-            if not args.resume:
-                raise SystemExit(f"error: {saved[0]} exists: pass --resume to continue or reuse it, or choose another --out_dir")
-            check_same_run(*saved, run)
+        require(min(n_train, n_val) > run.model.block_size, f"{run.name}: block_size {run.model.block_size} "
+                f"needs more tokens than the data has (train {n_train}, val {n_val})")
+        run_dir = os.path.join(args.out_dir, run.name)
+        for path in [p for p in (f"{run_dir}/run.json", f"{run_dir}/ckpt.pt") if os.path.exists(p)][:1]:
+            require(args.resume, f"{path} exists: pass --resume to continue or reuse it, or another --out_dir")
+            saved, new = (read_json(path) if path.endswith(".json") else load_ckpt(path))["run"], asdict(run)
+            diff = [f"{k}: {saved[p].get(k)!r} -> {new[p].get(k)!r}" for p in ("model", "train")
+                    for k in {**saved[p], **new[p]} if saved[p].get(k) != new[p].get(k)]
+            require(saved == new, f"{path} was written by a run with another configuration "
+                                  f"({'; '.join(diff)}): resume with its flags or use another --out_dir")
+    # the master process holds a lock on each run's folder until it ends (the OS releases it even after
+    # kill -9), so two processes cannot train the same run at once
+    while LOCKS:  # those of an earlier call in this process (tests, notebooks) are released first
+        LOCKS.pop().close()
+    try:
+        for run in runs if os.environ.get("RANK", "0") == "0" else []:
+            os.makedirs(os.path.join(args.out_dir, run.name), exist_ok=True)
+            LOCKS.append(open(os.path.join(args.out_dir, run.name, "lock"), "w"))
+            fcntl.flock(LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        require(False, f"{LOCKS[-1].name} is held by another process: wait for it or use another --out_dir")
+    except OSError as e:
+        require(False, f"--out_dir {args.out_dir}: {e.strerror}: choose another folder")
     return runs
 
-
-def saved_run(run_dir):
-    """(path, run) of what run_dir already holds, a finished record or a checkpoint; None if nothing."""
-    record, ckpt = os.path.join(run_dir, "run.json"), os.path.join(run_dir, "ckpt.pt")
-    if os.path.exists(record):
-        with open(record) as f:
-            return record, json.load(f)["run"]
-    if os.path.exists(ckpt):
-        return ckpt, torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["run"]
-    return None
-
-
-def check_training_flags(args):
-    positive = ("batch_size", "grad_accum", "eval_points", "eval_iters", "log_interval")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name} must be >= 1, got {getattr(args, name)}")
-    if min(args.budget_steps) < 1:
-        raise SystemExit(f"error: --budget_steps must be >= 1, got {min(args.budget_steps)}")
-    if not (0 < args.warmup_frac < 1 and 0 < args.cooldown_frac < 1):
-        raise SystemExit(f"error: need 0 < --warmup_frac < 1 and 0 < --cooldown_frac < 1, "
-                         f"got {args.warmup_frac} and {args.cooldown_frac}")
-
-
-def variant_settings(args, spec):
-    """(signature, settings): the flags' values with the variant's overrides, "A3B:p_skip=0.5"."""
-    signature, *overrides = spec.split(":")
-    settings = {k: getattr(args, k) for k in VARIANT_KEYS}
-    for override in overrides:
-        key, _, value = override.partition("=")
-        try:
-            settings[key] = VARIANT_KEYS[key](value)
-        except (KeyError, ValueError):
-            raise SystemExit(f"error: variant {spec!r}: bad override {override!r}; write key=value with keys "
-                             f"{', '.join(VARIANT_KEYS)} (booleans as 0/1)")
-    return signature, settings
-
-
-def model_config(args, spec, vocab_size):
-    """The GPTConfig of a variant; a bad signature or setting stops here, before any compute."""
-    signature, settings = variant_settings(args, spec)
+def make_run(args, spec, budget_steps, seed, meta, world_size):
+    """A variant's settings over the flags' values; a bad signature or setting stops here."""
     try:
-        return GPTConfig(block_size=settings["block_size"], vocab_size=vocab_size,
-                         n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
-                         bias=args.bias, signature=signature, p_skip=settings["p_skip"],
-                         adapters=settings["adapters"], adapter_rank=settings["adapter_rank"],
-                         share_kv=settings["share_kv"])
+        signature, overrides = rins.parse_variant(spec, VARIANT_KEYS)
+        s = {**{k: getattr(args, k) for k in VARIANT_KEYS}, **overrides}
+        # GPT-2's 50257 padded to 50304 as nanoGPT does (a multiple of 64 keeps the LM head fast on GPUs);
+        # other vocabularies stay exact, so sampling never draws an id that has no text
+        vocab = -(-meta["vocab_size"] // 64) * 64 if meta["tokenizer"] == "gpt2" else meta["vocab_size"]
+        model = GPTConfig(block_size=s["block_size"], vocab_size=vocab, n_layer=args.n_layer,
+                          n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
+                          signature=signature, p_skip=s["p_skip"], adapters=s["adapters"],
+                          adapter_rank=s["adapter_rank"], share_kv=s["share_kv"])
     except ValueError as e:
         raise SystemExit(f"error: variant {spec!r}: {e}")
-
-
-def make_run(args, spec, budget_steps, seed, meta, world_size):
-    _, settings = variant_settings(args, spec)
-    config = model_config(args, spec, padded_vocab_size(meta))
-    if settings["batch_size"] < 1:
-        raise SystemExit(f"error: variant {spec!r}: batch_size must be >= 1")
-    # RINS.md §3: the budget is the baseline's (n_layer applications) for budget_steps steps at the
-    # base batch, in layer applications x tokens; the same for every variant of the comparison
+    require(s["batch_size"] >= 1 and s["learning_rate"] > 0, f"variant {spec!r}: batch_size must be >= 1 and "
+            f"learning_rate > 0, got {s['batch_size']} and {s['learning_rate']}")
+    # the budget: the baseline (n_layer applications) for budget_steps steps at the flags' batch
     base_tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world_size
-    train = dict(dataset=args.dataset, batch_size=settings["batch_size"], grad_accum=args.grad_accum,
-                 world_size=world_size, learning_rate=settings["learning_rate"], weight_decay=args.weight_decay,
-                 beta1=args.beta1, beta2=args.beta2, grad_clip=args.grad_clip,
-                 warmup_steps=max(1, round(args.warmup_frac * budget_steps)), cooldown_frac=args.cooldown_frac, seed=seed, budget_steps=budget_steps,
-                 budget=budget_steps * args.n_layer * base_tokens_per_step, eval_points=args.eval_points,
-                 eval_iters=args.eval_iters, log_interval=args.log_interval)
-    name = f"{re.sub(r'[^A-Za-z0-9.=-]+', '_', spec).strip('_')}_b{budget_steps}_s{seed}"
-    steps = rins.steps_for_budget(train["budget"], config, settings["batch_size"] * settings["block_size"]
-                                  * args.grad_accum * world_size)
-    if train["warmup_steps"] / steps + args.cooldown_frac > 1:
-        raise SystemExit(f"error: {name}: {train['warmup_steps']} warm-up steps and a cool-down of "
-                         f"{args.cooldown_frac:.0%} do not fit its {steps} steps: lower --warmup_frac or --cooldown_frac")
-    return {"name": name, "variant": spec, "model": asdict(config), "train": train}
+    train = TrainConfig(
+        dataset=args.dataset, data_fingerprint=meta["fingerprint"], seed=seed, budget_steps=budget_steps,
+        budget=budget_steps * args.n_layer * base_tokens_per_step, batch_size=s["batch_size"],
+        grad_accum=args.grad_accum, world_size=world_size, learning_rate=s["learning_rate"],
+        weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2, grad_clip=args.grad_clip,
+        warmup_steps=max(1, round(args.warmup_frac * budget_steps)), cooldown_frac=args.cooldown_frac,
+        eval_points=args.eval_points, eval_iters=args.eval_iters, log_interval=args.log_interval)
+    # the variant's name shows its RINS settings that differ from the plain model's and the other settings
+    # that differ from the flags', so a run's folder says what makes it different within a comparison
+    plain = {k: getattr(GPTConfig, k) if k in rins.MODEL_KEYS else getattr(args, k) for k in VARIANT_KEYS}
+    variant = rins.variant_name(signature, s, plain)
+    name = f"{re.sub(r'[^A-Za-z0-9.=-]+', '_', variant).strip('_')}_b{budget_steps}_s{seed}"
+    steps = planned_steps(model, train)
+    require(train.warmup_steps / steps + train.cooldown_frac <= 1, f"{name}: {train.warmup_steps} warm-up "
+            f"steps and a {train.cooldown_frac:.0%} cool-down do not fit its {steps} steps: lower them")
+    return Run(name, variant, model, train)
 
+def planned_steps(model, train):
+    """The steps a run plans: its budget over the expected cost of one step."""
+    tokens_per_step = train.batch_size * model.block_size * train.grad_accum * train.world_size
+    return rins.steps_for_budget(train.budget, rins.expected_applications(model) * tokens_per_step)
 
-def padded_vocab_size(meta):
-    """GPT-2's 50257 padded to 50304 as nanoGPT does: a multiple of 64 keeps the LM head fast on GPUs.
-    Character vocabularies stay exact, so sampling never draws an id that has no character."""
-    return meta["vocab_size"] if meta["tokenizer"] == "char" else -(-meta["vocab_size"] // 64) * 64
+def load_ckpt(path):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        assert isinstance(ckpt, dict) and {"run", "model"} <= set(ckpt)
+        return ckpt
+    except Exception as e:  # a folder, an empty, truncated or foreign file: each fails its own way
+        raise SystemExit(f"error: {path} is not a train.py checkpoint ({type(e).__name__}): "
+                         f"point to a run's ckpt.pt, or delete it to train that run again")
 
-
-def check_same_run(path, saved, run):
-    if saved != run:
-        diff = [f"{k}: {saved[part].get(k)!r} -> {run[part].get(k)!r}" for part in ("model", "train")
-                for k in sorted(set(saved[part]) | set(run[part])) if saved[part].get(k) != run[part].get(k)]
-        raise SystemExit(f"error: {path} was written by a run with another configuration "
-                         f"({'; '.join(diff) or 'variant ' + saved['variant']}): resume with its flags or use another --out_dir")
-
-# -----------------------------------------------------------------------------
-# Data
-
-
-def load_data(data_dir, dataset):
-    folder = os.path.join(data_dir, dataset)
-    if not all(os.path.exists(os.path.join(folder, f)) for f in ("train.bin", "val.bin", "meta.json")):
-        raise SystemExit(f"error: no prepared data in {folder}: run `{prepare_command(dataset)}` first")
-    with open(os.path.join(folder, "meta.json")) as f:
-        meta = json.load(f)
-    load = lambda split: np.memmap(os.path.join(folder, f"{split}.bin"), dtype=np.uint16, mode="r")
-    return load("train"), load("val"), meta
-
+def check_device(name):
+    try:
+        return rins.device(name)
+    except ValueError as e:
+        raise SystemExit(f"error: --device: {e}")
 
 def get_batch(data, ix, block_size, device):
-    """Inputs and next-token targets for the sequences starting at positions ix."""
+    """Inputs and next-token targets for the sequences starting at positions ix of a token memmap."""
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
-    if device.type == "cuda":
+    if device.type == "cuda":  # pinned memory: the copy to the GPU overlaps with compute
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x, y
 
 # -----------------------------------------------------------------------------
-# Training
+# One run, from its first step to its record
 
+def train(run, run_dir, train_data, val_data, meta, device, ddp, compile):
+    """Train one run to its budget; returns its record (on the master process) or None."""
+    cfg, t = run.model, run.train
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    master = rank == 0
+    # the same seed on every rank: identical initial weights, and identical stochastic-skip draws
+    # (model.transformer.skip_rng), so all ranks run the same units and no rank waits for another
+    torch.manual_seed(t.seed)
+    model = GPT(cfg).to(device)
+    optimizer = rins.adamw(model, t.weight_decay, t.learning_rate, (t.beta1, t.beta2), device.type)
+    data_rng = torch.Generator().manual_seed(t.seed)  # the data position: batch starts, drawn for all ranks
+    progress = dict(step=0, cost=0, tokens=0, flops=0, train_time=0.0, train_log=[], curve=[])
+    ckpt_path = os.path.join(run_dir, "ckpt.pt")
+    if os.path.exists(ckpt_path):  # plan_runs has checked that --resume is set and the run is the same
+        progress = load_checkpoint(ckpt_path, model, optimizer, data_rng)
+    if compile:
+        for block in model.transformer.h:  # the blocks, not the walk: stochastic skips do not recompile
+            block.compile()
+    # a skipped unit (p_skip) leaves its layers or adapter without gradient on that step
+    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                      find_unused_parameters=cfg.p_skip > 0) if ddp else model
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
-def learning_rate(progress, warmup, t):
-    """LR when a fraction `progress` of the run's own budget has executed (RINS.md §3: the schedule
-    is laid on each run's own length). [our choice] Linear warm-up over the fraction `warmup` (the
-    same number of steps for every variant), inverse-square-root decay, linear cool-down that
-    reaches zero exactly at the end of the budget (big_vision's "rsqrt")."""
-    lr = t["learning_rate"] * min(1.0, progress / warmup)
-    lr *= math.sqrt(warmup / max(progress, warmup))
-    return lr * max(0.0, min(1.0, (1 - progress) / t["cooldown_frac"]))
+    # the plan: steps from the expected schedule length, the budget rounded to whole planned steps
+    B, T, accum = t.batch_size, cfg.block_size, t.grad_accum
+    tokens_per_step = B * T * accum * world
+    steps = planned_steps(cfg, t)
+    target = steps * rins.expected_applications(cfg) * tokens_per_step
+    warmup = t.warmup_steps / steps  # the warm-up as a fraction of this run's own budget
+    if master:
+        tqdm.write(f"{run.name}: schedule {rins.layer_schedule(cfg.signature, cfg.n_layer)}, {steps} planned "
+                   f"steps, {steps * tokens_per_step / model.get_num_params():.1f} tokens per parameter")
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    pbar = tqdm(total=steps, initial=progress["step"], desc=run.name, disable=not master, dynamic_ncols=True)
+    model.train()
+    clock = time.perf_counter()  # training time runs between evaluations
+    try:
+        while progress["cost"] < target:
+            # one draw of B x accum x world batch starts per step; micro-batch a of rank r takes its slice,
+            # so the global batch does not depend on how it is split over processes and micro-batches
+            ix = torch.randint(len(train_data) - T, (accum * world * B,), generator=data_rng)
+            step_cost, step_flops, loss_sum = 0, 0, 0.0
+            for a in range(accum):
+                x, y = get_batch(train_data, ix[(a * world + rank) * B:(a * world + rank + 1) * B], T, device)
+                if ddp:
+                    train_model.require_backward_grad_sync = a == accum - 1  # all-reduce once per step
+                with ctx:
+                    _, loss = train_model(x, y)
+                # count what executed (stochastic skips included): the same on every rank
+                step_cost += model.transformer.applications * B * T * world
+                step_flops += model.flops_per_token(T) * B * T * world
+                (loss / accum).backward()
+                loss_sum += loss.detach()
+            # the LR at the middle of this step, on the schedule laid over the run's own budget
+            progress_mid = (progress["cost"] + step_cost / 2) / target
+            lr = rins.learning_rate(t.learning_rate, progress_mid, warmup, t.cooldown_frac)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
+            finite &= torch.isfinite(norm) & torch.isfinite(loss_sum)  # checked when logged: no sync per step
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # evaluate when the cost crosses the next of eval_points even marks (all ranks see the same cost)
+            marks = lambda cost: cost * t.eval_points // target
+            eval_now = marks(progress["cost"]) < marks(progress["cost"] + step_cost)
+            progress.update(step=progress["step"] + 1, cost=progress["cost"] + step_cost,
+                            tokens=progress["tokens"] + tokens_per_step, flops=progress["flops"] + step_flops)
+            pbar.update()
+            if eval_now or progress["step"] % t.log_interval == 0:
+                train_loss = log_step(progress, loss_sum / accum, finite, lr, ddp, ckpt_path)
+                pbar.set_postfix(loss=f"{train_loss:.4f}")
+            if eval_now and master:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # the GPU's queued steps belong to training time
+                progress["train_time"] += time.perf_counter() - clock
+                val_loss, _ = evaluate(model, val_data, T, B, t.eval_iters, ctx)
+                if not math.isfinite(val_loss):  # the last update broke the weights: do not save them
+                    stop_not_finite(progress["step"], ckpt_path)
+                progress["curve"].append(dict(step=progress["step"], tokens=progress["tokens"],
+                                              cost=progress["cost"], val_loss=val_loss))
+                tqdm.write(f"{run.name} step {progress['step']}: cost {progress['cost']:.3e}, "
+                           f"train {train_loss:.4f}, val {val_loss:.4f}")
+                save_checkpoint(ckpt_path, run, model, optimizer, progress, data_rng)
+                clock = time.perf_counter()
+    finally:
+        pbar.close()  # before any error message, so that the bar is not redrawn after it
+    if master:
+        return finish(run, model, progress, steps, target, val_data, len(train_data), meta, ctx, device,
+                      world)
 
+def log_step(progress, loss, finite, lr, ddp, ckpt_path):
+    """Record the train loss (averaged over ranks); stop cleanly if any loss or gradient was not finite."""
+    stats = torch.stack([loss.float(), (~finite).float()])
+    if ddp:
+        dist.all_reduce(stats)
+        stats[0] /= dist.get_world_size()
+    loss, bad = stats.tolist()
+    if bad:
+        stop_not_finite(progress["step"], ckpt_path)
+    progress["train_log"].append(dict(step=progress["step"], loss=loss, lr=lr, cost=progress["cost"]))
+    return loss
+
+def stop_not_finite(step, ckpt_path):
+    saved = f"the last good checkpoint {ckpt_path} is intact" if os.path.exists(ckpt_path) else "none saved"
+    raise SystemExit(f"error: the loss became nan/inf by step {step}; {saved}; try a lower --learning_rate")
 
 @torch.no_grad()
 def evaluate(model, data, block_size, batch_size, eval_iters, ctx, rounds=None):
@@ -295,133 +419,24 @@ def evaluate(model, data, block_size, batch_size, eval_iters, ctx, rounds=None):
     device = next(model.parameters()).device
     losses = []
     for _ in range(eval_iters):
-        x, y = get_batch(data, torch.randint(len(data) - block_size, (batch_size,), generator=rng), block_size, device)
+        ix = torch.randint(len(data) - block_size, (batch_size,), generator=rng)
         with ctx:
-            losses.append(model(x, y, rounds=rounds)[1])
+            losses.append(model(*get_batch(data, ix, block_size, device), rounds=rounds)[1])
     model.train()
     return torch.stack(losses).mean().item(), model.transformer.applications
 
-
-def train(run, run_dir, train_data, val_data, device, ddp, compile):
-    """Train one run to its budget; returns its record (on the master process) or None."""
-    m, t = run["model"], run["train"]
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    master = rank == 0
-    config = GPTConfig(**m)
-    # the same seed on every rank: identical initial weights, and identical stochastic-skip draws
-    # (model.transformer.skip_rng), so all ranks run the same units and no rank waits for another
-    torch.manual_seed(t["seed"])
-    model = GPT(config).to(device)
-    optimizer = model.configure_optimizers(t["weight_decay"], t["learning_rate"], (t["beta1"], t["beta2"]), device.type)
-    data_rng = torch.Generator().manual_seed(t["seed"])  # the data position: batch starts, drawn for all ranks
-    state = dict(step=0, cost=0, tokens=0, flops=0, train_time=0.0, train_log=[], curve=[])
-    ckpt_path = os.path.join(run_dir, "ckpt.pt")
-    if os.path.exists(ckpt_path):  # plan_runs has checked that --resume is set and the run is the same
-        state = load_checkpoint(ckpt_path, model, optimizer, data_rng)
-    if compile:
-        for block in model.transformer.h:  # the blocks, not the walk: stochastic skips do not recompile
-            block.compile()
-    # a skipped unit (p_skip) leaves its layers or adapter without gradient on that step
-    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                      find_unused_parameters=config.p_skip > 0) if ddp else model
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-    B, T, accum = t["batch_size"], m["block_size"], t["grad_accum"]
-    tokens_per_step = B * T * accum * world
-    steps = rins.steps_for_budget(t["budget"], config, tokens_per_step)
-    # the budget rounded to whole planned steps; the run stops when its executed cost reaches it
-    target = steps * rins.expected_applications(config) * tokens_per_step
-    warmup = t["warmup_steps"] / steps  # the warm-up as a fraction of this run's own budget
-    if master:
-        tqdm.write(f"{run['name']}: schedule {rins.layer_schedule(config.signature, config.n_layer)}, "
-                   f"{steps} planned steps x {tokens_per_step} tokens = {steps * tokens_per_step / len(train_data):.2f} "
-                   f"epochs, budget {target:.3e} layer-application tokens")
-    finite = torch.ones((), dtype=torch.bool, device=device)
-    pbar = tqdm(total=steps, initial=state["step"], desc=run["name"], disable=not master, dynamic_ncols=True)
-    model.train()
-    clock = time.perf_counter()  # training time runs between evaluations
-    while state["cost"] < target:
-        # one draw of B x accum x world starts per step; micro-batch a of rank r takes its slice, so the
-        # global batch does not depend on how it is split over processes and micro-batches
-        ix = torch.randint(len(train_data) - T, (accum * world * B,), generator=data_rng)
-        step_cost, step_flops, loss_sum = 0, 0, 0.0
-        for a in range(accum):
-            x, y = get_batch(train_data, ix[(a * world + rank) * B:(a * world + rank + 1) * B], T, device)
-            if ddp:
-                train_model.require_backward_grad_sync = a == accum - 1  # all-reduce once per step
-            with ctx:
-                _, loss = train_model(x, y)
-            # RINS.md §3: count what executed (skips included), the same on every rank
-            step_cost += model.transformer.applications * B * T * world
-            step_flops += model.flops_per_token(T) * B * T * world
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-        lr = learning_rate((state["cost"] + step_cost / 2) / target, warmup, t)  # at the middle of this step
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"] or math.inf)
-        finite &= torch.isfinite(norm) & torch.isfinite(loss_sum)  # checked at log points: no GPU sync per step
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["cost"] += step_cost
-        state["tokens"] += tokens_per_step
-        state["flops"] += step_flops
-        pbar.update()
-
-        done = state["cost"] >= target
-        eval_now = done or state["cost"] * t["eval_points"] >= (len(state["curve"]) + 1) * target
-        if eval_now or state["step"] % t["log_interval"] == 0:
-            train_loss = log_step(state, loss_sum / accum, finite, lr, ddp, ckpt_path)
-            pbar.set_postfix(loss=f"{train_loss:.4f}")
-        if eval_now and master:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # the GPU's queued steps belong to training time
-            state["train_time"] += time.perf_counter() - clock
-            val_loss, _ = evaluate(model, val_data, T, B, t["eval_iters"], ctx)
-            if not math.isfinite(val_loss):  # the last update broke the weights: do not save them
-                stop_not_finite(state["step"], ckpt_path)
-            state["curve"].append(dict(step=state["step"], tokens=state["tokens"], cost=state["cost"], val_loss=val_loss))
-            tqdm.write(f"{run['name']} step {state['step']}: cost {state['cost']:.3e}, train {train_loss:.4f}, val {val_loss:.4f}")
-            save_checkpoint(ckpt_path, run, model, optimizer, state, data_rng)
-            clock = time.perf_counter()
-    pbar.close()
-    if not master:
-        return None
-    return finish(run, model, state, steps, target, val_data, len(train_data), ctx, device, world)
-
-
-def log_step(state, loss, finite, lr, ddp, ckpt_path):
-    """Record the train loss (averaged over ranks); stop cleanly if any loss or gradient was not finite."""
-    stats = torch.stack([loss.float(), (~finite).float()])
-    if ddp:
-        dist.all_reduce(stats)
-        stats[0] /= dist.get_world_size()
-    loss, bad = stats.tolist()
-    if bad:
-        stop_not_finite(state["step"], ckpt_path)
-    state["train_log"].append(dict(step=state["step"], loss=loss, lr=lr, cost=state["cost"]))
-    return loss
-
-
-def stop_not_finite(step, ckpt_path):
-    saved = (f"the last good checkpoint {ckpt_path} is intact" if os.path.exists(ckpt_path)
-             else "no checkpoint was written")
-    raise SystemExit(f"error: the loss became nan/inf by step {step}; {saved}; try a lower --learning_rate")
-
-
-def save_checkpoint(path, run, model, optimizer, state, data_rng):
+def save_checkpoint(path, run, model, optimizer, progress, data_rng):
     """Everything a resumed run needs to continue exactly: weights, optimizer, progress, RNG states."""
-    rng = {"torch": torch.get_rng_state(), "data": data_rng.get_state(), "skip": model.transformer.skip_rng.get_state()}
+    rng = dict(torch=torch.get_rng_state(), data=data_rng.get_state(),
+               skip=model.transformer.skip_rng.get_state())
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    ckpt = {"run": run, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state, "rng": rng}
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a kill while writing leaves the previous checkpoint intact
-
+    ckpt = {"run": asdict(run), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "state": progress, "rng": rng}
+    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))  # a kill while writing leaves the last one intact
 
 def load_checkpoint(path, model, optimizer, data_rng):
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_ckpt(path)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -431,500 +446,318 @@ def load_checkpoint(path, model, optimizer, data_rng):
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     return ckpt["state"]
 
-# -----------------------------------------------------------------------------
-# Results: evaluation at several depths, scaling-law fit, table, files
-
-
-def eval_depths(signature):
-    """Inference depths to evaluate: rounds 1 (the baseline's cost), r (as trained) and r + 1
-    (extrapolation) for a signature with a recursive block; as trained (None) for the others."""
-    try:
-        _, r = rins.recursive_run(signature)
-    except ValueError:  # no single repeated block (AB, ABAB): rounds has no meaning
-        return [None]
-    return [1, r, r + 1]
-
-
-def finish(run, model, state, steps, target, val_data, n_train, ctx, device, world):
-    """Evaluate the trained run at each depth, fit its scaling law, write and return its record."""
-    t = run["train"]
+def finish(run, model, progress, steps, target, val_data, n_train, meta, ctx, device, world):
+    """Evaluate the trained run at rounds 1 (the baseline's cost, "1x"), r (as trained) and r + 1
+    (extrapolation), or as trained (rounds None) without a recursive block; return its record."""
+    r = run.model.recursive[1] if run.model.recursive else None
     evals = []
-    for rounds in eval_depths(run["model"]["signature"]):
-        val_loss, applications = evaluate(model, val_data, run["model"]["block_size"], t["batch_size"],
-                                          t["eval_iters"], ctx, rounds)
-        evals.append(dict(rounds=rounds, eval_applications=applications, val_loss=val_loss))
-    # fit on the points after warm-up: the law describes training, not the first steps
-    points = [p for p in state["curve"] if p["cost"] > t["warmup_steps"] / steps * target]
-    fit = fit_scaling_law([p["cost"] for p in points], [p["val_loss"] for p in points]) if len(points) >= 4 else None
-    peak = rins.peak_flops(device)
-    record = dict(run=run, steps=state["step"], planned_steps=steps, tokens=state["tokens"],
-                  epochs=state["tokens"] / n_train, tokens_per_param=state["tokens"] / model.get_num_params(), cost=state["cost"], target=target,
-                  wall_s=state["train_time"], tokens_per_s=state["tokens"] / state["train_time"],
-                  mfu=state["flops"] / state["train_time"] / (peak * world) if peak else None,
-                  n_params=model.get_num_params(), n_adapter_params=model.num_adapter_params(),
-                  evals=evals, fit=fit, curve=state["curve"], train_log=state["train_log"])
-    return record
+    for rounds in [1, r, r + 1] if r else [None]:
+        loss, apps = evaluate(model, val_data, run.model.block_size, run.train.batch_size,
+                              run.train.eval_iters, ctx, rounds)
+        evals.append(dict(rounds=rounds, eval_applications=apps, val_loss=loss))
+    peak, n_params, seconds = rins.peak_flops(device), model.get_num_params(), progress["train_time"]
+    return dict(run=asdict(run), trained_rounds=r, steps=progress["step"], planned_steps=steps,
+                tokens=progress["tokens"], epochs=progress["tokens"] / n_train,
+                tokens_per_param=progress["tokens"] / n_params, cost=progress["cost"], target=target,
+                wall_s=seconds, tokens_per_s=progress["tokens"] / seconds,
+                mfu=progress["flops"] / seconds / (peak * world) if peak else None, n_params=n_params,
+                n_adapter_params=model.num_adapter_params(), floor=meta.get("entropy_per_token"), evals=evals,
+                curve=progress["curve"], train_log=progress["train_log"])
 
+def print_run(record):
+    mfu = "n/a (no peak known for this device)" if record["mfu"] is None else f"{record['mfu']:.1%}"
+    losses = ", ".join(f"{e['val_loss']:.4f} (rounds {e['rounds'] or 'as trained'})" for e in record["evals"])
+    print(f"{record['run']['name']}: {record['steps']} steps ({record['planned_steps']} planned), "
+          f"{record['tokens']:,} tokens = {record['epochs']:.3f} epochs = {record['tokens_per_param']:.1f} "
+          f"tokens per parameter, executed cost {record['cost']:.4e} (budget {record['target']:.4e}), "
+          f"{record['wall_s']:.1f} s training, {record['tokens_per_s']:,.0f} tokens/s, MFU {mfu}; "
+          f"val loss {losses}")
 
-def fit_scaling_law(x, y):
-    """Least-squares fit of loss = beta * x^(-c) + eps_inf with numpy only (RINS.md §8).
+# -----------------------------------------------------------------------------
+# Results: effective compute, the scaling law across budgets, the table, files and the plot
 
-    For a fixed eps_inf the law is a line in log-log space, log(loss - eps_inf) = log(beta) - c log(x),
-    fitted exactly; eps_inf in [0, min(loss)) is chosen as the one whose line fits the losses best
-    (squared error), on a grid refined by golden-section search. Keeping eps_inf in that range is
-    what makes the fit well posed on short curves (else c -> 0 with beta and -eps_inf -> infinity).
-    """
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+def trained_loss(record):
+    """The final val loss at the depth the run was trained at."""
+    return next(e["val_loss"] for e in record["evals"] if e["rounds"] == record["trained_rounds"])
 
-    def fit(eps):
-        slope, intercept = np.polyfit(np.log(x), np.log(y - eps), 1)
-        beta, c = math.exp(intercept), -float(slope)
-        return float(np.sum((beta * x ** -c + eps - y) ** 2)), beta, c
-
-    grid = y.min() * (1 - np.logspace(-6, 0, 300))  # from just below min(loss) down to 0
-    i = int(np.argmin([fit(eps)[0] for eps in grid]))
-    lo, hi = grid[min(i + 1, len(grid) - 1)], grid[max(i - 1, 0)]
-    golden = (math.sqrt(5) - 1) / 2
-    for _ in range(80):
-        e1, e2 = hi - golden * (hi - lo), lo + golden * (hi - lo)
-        if fit(e1)[0] < fit(e2)[0]:
-            hi = e2
-        else:
-            lo = e1
-    eps_inf = (lo + hi) / 2
-    sse, beta, c = fit(eps_inf)
-    return dict(beta=beta, c=c, eps_inf=float(eps_inf), rmse=math.sqrt(sse / len(x)))
-
-
-def budget_fits(records, n_boot=200):
-    """The law fitted across budgets, for each variant run at three budgets or more: one point per
-    run, its executed cost and its final val loss as trained. Unlike the per-run fits, every point
-    ends a full LR schedule. Uncertainty: the std over a bootstrap that resamples each budget's runs
-    (its seeds) with replacement."""
-    by_variant = {}
+def result_rows(records, baseline):
+    """One row per run x eval depth (results.csv), with the effective-compute ratio against the
+    baseline variant's final losses (mean over seeds) where it was run at two budgets or more."""
+    base = {}
     for r in records:
-        trained = r["evals"][1] if len(r["evals"]) == 3 else r["evals"][0]  # eval_depths: [1, r, r+1] or [as trained]
-        by_budget = by_variant.setdefault(r["run"]["variant"], {})
-        by_budget.setdefault(r["run"]["train"]["budget_steps"], []).append((r["cost"], trained["val_loss"]))
-    rng = np.random.default_rng(0)
-    fits = []
-    for variant, by_budget in by_variant.items():
-        if len(by_budget) < 3:
-            continue
-        points = [p for runs in by_budget.values() for p in runs]
-        fit = fit_scaling_law(*zip(*points))
-        boot = []
-        for _ in range(n_boot):  # each budget keeps its number of runs, drawn with replacement
-            sample = [runs[i] for runs in by_budget.values() for i in rng.integers(len(runs), size=len(runs))]
-            boot.append(fit_scaling_law(*zip(*sample)))
-        fits.append(dict(variant=variant, budgets=sorted(by_budget), runs=len(points), beta=fit["beta"], c=fit["c"],
-                         eps_inf=fit["eps_inf"], c_std=float(np.std([b["c"] for b in boot])),
-                         eps_inf_std=float(np.std([b["eps_inf"] for b in boot]))))
-    return fits
-
-
-def budget_fits_table(fits):
-    lines = ["law across budgets: loss = beta * cost^(-c) + eps_inf (± bootstrap std over seeds)"]
-    lines += [f"  {f['variant']}: budgets {','.join(map(str, f['budgets']))} ({f['runs']} runs), "
-              f"c {f['c']:.3f} ± {f['c_std']:.3f}, eps_inf {f['eps_inf']:.3f} ± {f['eps_inf_std']:.3f}" for f in fits]
-    return "\n".join(lines)
-
-
-def result_rows(records):
-    """One row per run x eval depth, the columns of results.csv."""
+        if r["run"]["variant"] == baseline:
+            base.setdefault(r["run"]["train"]["budget_steps"], []).append((r["cost"], trained_loss(r)))
+    curve = [tuple(np.mean(runs, axis=0)) for runs in base.values()] if len(base) >= 2 else None
     rows = []
     for r in records:
-        run, m, t, fit = r["run"], r["run"]["model"], r["run"]["train"], r["fit"] or {}
+        t = r["run"]["train"]
         for e in r["evals"]:
+            ratio, bound = rins.effective_compute(e["val_loss"], r["cost"], curve) if curve else (None, "")
             rows.append(dict(
-                run=run["name"], variant=run["variant"], signature=m["signature"], p_skip=m["p_skip"],
-                adapters=m["adapters"], share_kv=m["share_kv"], block_size=m["block_size"],
-                batch_size=t["batch_size"], seed=t["seed"], budget_steps=t["budget_steps"], budget=t["budget"],
-                rounds=e["rounds"], eval_applications=e["eval_applications"], steps=r["steps"],
-                planned_steps=r["planned_steps"], tokens=r["tokens"], epochs=r["epochs"],
-                tokens_per_param=r["tokens"] / r["n_params"], cost=r["cost"],
-                val_loss=e["val_loss"], wall_s=r["wall_s"], tokens_per_s=r["tokens_per_s"], mfu=r["mfu"],
-                n_params=r["n_params"], n_adapter_params=r["n_adapter_params"],
-                fit_beta=fit.get("beta"), fit_c=fit.get("c"), fit_eps_inf=fit.get("eps_inf")))
+                run=r["run"]["name"], variant=r["run"]["variant"], learning_rate=t["learning_rate"],
+                seed=t["seed"], budget_steps=t["budget_steps"], rounds=e["rounds"],
+                trained=e["rounds"] == r["trained_rounds"], eval_applications=e["eval_applications"],
+                steps=r["steps"], tokens=r["tokens"], epochs=r["epochs"],
+                tokens_per_param=r["tokens_per_param"], cost=r["cost"], val_loss=e["val_loss"],
+                above_floor=r["floor"] and e["val_loss"] - r["floor"],
+                effective_compute=ratio, effective_compute_bound=bound, wall_s=r["wall_s"], mfu=r["mfu"],
+                n_params=r["n_params"]))
     return rows
 
+def budget_fits(records, n_boot=200):
+    """The law fitted across budgets for each variant run at three or more (rins.law_across_budgets)."""
+    by_variant = {}
+    for r in records:
+        by_budget = by_variant.setdefault(r["run"]["variant"], {})
+        by_budget.setdefault(r["run"]["train"]["budget_steps"], []).append((r["cost"], trained_loss(r)))
+    return [dict(variant=v, budgets=sorted(b), **rins.law_across_budgets(list(b.values()), n_boot))
+            for v, b in by_variant.items() if len(b) >= 3]
 
-def summary_table(rows):
-    """Rows grouped over seeds: mean (± std with several seeds) of the val loss and of the fitted law,
-    per variant, budget and depth. The spread of c and eps_inf over seeds is their uncertainty."""
+def print_summary(records, fits, baseline):
+    """The table of every variant, budget and depth over seeds (mean ± std with several seeds; an
+    effective-compute ratio beyond the baseline's budgets is a bound, marked > or <), then the laws."""
     groups = {}
-    for row in rows:
+    for row in result_rows(records, baseline):
         groups.setdefault((row["variant"], row["budget_steps"], row["rounds"]), []).append(row)
-    lines = [("variant", "budget", "rounds", "apps", "seeds", "steps", "tokens", "epochs", "tok/param", "val_loss",
-              "c", "eps_inf", "wall_s", "MFU")]
+    floor = records[0]["floor"] is not None
+    lines = [["variant", "lr", "budget", "rounds", "apps", "seeds", "steps", "epochs", "tok/param",
+              "val_loss", *["above floor"] * floor, "eff. compute", "wall_s", "MFU"]]
     for (variant, budget, rounds), g in groups.items():
-        lines.append((variant, str(budget), "-" if rounds is None else str(rounds), str(g[0]["eval_applications"]),
-                      str(len(g)), mean_std(g, "steps", ".0f", std=False), mean_std(g, "tokens", ".3g", std=False),
-                      mean_std(g, "epochs", ".3f", std=False), mean_std(g, "tokens_per_param", ".1f", std=False),
-                      mean_std(g, "val_loss", ".4f"),
-                      mean_std(g, "fit_c", ".3f"), mean_std(g, "fit_eps_inf", ".3f"),
-                      mean_std(g, "wall_s", ".0f", std=False), mean_std(g, "mfu", ".1%", std=False)))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines)
-
+        bound = "".join(sorted({row["effective_compute_bound"] for row in g}))
+        mean = lambda key, spec: mean_std(g, key, spec, std=False)
+        lines.append([variant, f"{g[0]['learning_rate']:g}", str(budget), str(rounds or "-"),
+                      str(g[0]["eval_applications"]), str(len(g)), mean("steps", ".0f"),
+                      mean("epochs", ".3f"), mean("tokens_per_param", ".1f"), mean_std(g, "val_loss", ".4f"),
+                      *[mean_std(g, "above_floor", ".4f")] * floor,
+                      bound + mean_std(g, "effective_compute", ".2f"), mean("wall_s", ".0f"),
+                      mean("mfu", ".1%")])
+    print(text_table(lines))
+    for f in fits:
+        print(f"law across budgets {','.join(map(str, f['budgets']))}, loss = beta * cost^(-c) + eps_inf "
+              f"(± bootstrap std over seeds): {f['variant']}: c {f['c']:.3f} ± {f['c_std']:.3f}, "
+              f"eps_inf {f['eps_inf']:.3f} ± {f['eps_inf_std']:.3f}")
 
 def mean_std(group, key, spec, std=True):
     """'mean ± std' of a column over seeds ('-' where a run has no value)."""
     values = [r[key] for r in group]
     if any(v is None for v in values):
         return "-"
-    text = format(statistics.fmean(values), spec)
-    if std and len(values) > 1:
-        text += " ± " + format(statistics.stdev(values), spec)
-    return text
+    spread = f" ± {format(statistics.stdev(values), spec)}" if std and len(values) > 1 else ""
+    return format(statistics.fmean(values), spec) + spread
 
+def text_table(lines):
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
-def write_results(out_dir, records, plot_path=None):
-    rows = result_rows(records)
-    os.makedirs(out_dir, exist_ok=True)
-    write_atomic(os.path.join(out_dir, "results.json"), json.dumps(rows, indent=1))
-    with open(os.path.join(out_dir, "results.csv.tmp"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(os.path.join(out_dir, "results.csv.tmp"), os.path.join(out_dir, "results.csv"))
-    curves = {r["run"]["name"]: dict(variant=r["run"]["variant"], seed=r["run"]["train"]["seed"],
-                                     budget_steps=r["run"]["train"]["budget_steps"], fit=r["fit"], points=r["curve"])
-              for r in records}
-    write_atomic(os.path.join(out_dir, "curves.json"), json.dumps(curves, indent=1))
-    fits = budget_fits(records)
-    write_atomic(os.path.join(out_dir, "budget_fits.json"), json.dumps(fits, indent=1))
-    plot_curves(records, plot_path or os.path.join(out_dir, "loss_vs_cost.png"))
-    print(f"wrote {out_dir}/results.csv, results.json, curves.json, budget_fits.json")
+def write_results(out_dir, records, plot_path, baseline):
+    """results.csv (one row per run x depth), budget_fits.json and the plot; returns the fits."""
+    rows, fits, table = result_rows(records, baseline), budget_fits(records), io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(os.path.join(out_dir, "results.csv"), table.getvalue().encode())
+    write_atomic(os.path.join(out_dir, "budget_fits.json"), json.dumps(fits, indent=1).encode())
+    plot_curves(records, rows, plot_path or os.path.join(out_dir, "loss_vs_cost.png"))
     return fits
 
-
 def report(args):
-    """Results files, table and plot again from the finished runs of a results folder, without training."""
-    paths = glob.glob(os.path.join(args.report, "*", "run.json"))
-    if not paths:
-        raise SystemExit(f"error: no finished runs (<run>/run.json) in {args.report}")
-    records = []
-    for path in paths:
-        with open(path) as f:
-            records.append(json.load(f))
+    """The results files, table and plot again from the finished runs of a folder, without training;
+    --variants and --budget_steps select runs (plotted to DIR/report.png; the results files stay)."""
+    records = [read_json(path) for path in sorted(glob.glob(os.path.join(args.report, "*", "run.json")))]
+    require(records, f"no finished runs (<run>/run.json) in {args.report}")
     variants = args.variants or sorted({r["run"]["variant"] for r in records})
     budgets = args.budget_steps or sorted({r["run"]["train"]["budget_steps"] for r in records})
-    records = [r for r in records if r["run"]["variant"] in variants and r["run"]["train"]["budget_steps"] in budgets]
-    records.sort(key=lambda r: (variants.index(r["run"]["variant"]), r["run"]["train"]["budget_steps"],
+    for missing in [v for v in variants if all(r["run"]["variant"] != v for r in records)] + [
+            f"budget {b}" for b in budgets if all(r["run"]["train"]["budget_steps"] != b for r in records)]:
+        require(False, f"no finished runs of {missing} in {args.report}")
+    keep = variants + [args.baseline] * (args.baseline not in variants)  # for the effective compute
+    records = [r for r in records if r["run"]["variant"] in keep and r["run"]["train"]["budget_steps"]
+               in budgets]
+    records.sort(key=lambda r: (keep.index(r["run"]["variant"]), r["run"]["train"]["budget_steps"],
                                 r["run"]["train"]["seed"]))
-    found_variants = {r["run"]["variant"] for r in records}
-    found_budgets = {r["run"]["train"]["budget_steps"] for r in records}
-    missing = [v for v in variants if v not in found_variants] + [f"budget {b}" for b in budgets if b not in found_budgets]
-    if missing:
-        raise SystemExit(f"error: no finished runs of {', '.join(missing)} in {args.report}")
-    if args.variants or args.budget_steps:  # a subset: DIR's results files keep every run
-        plot_curves(records, args.plot or os.path.join(args.report, "report.png"))
+    if args.variants or args.budget_steps:
         fits = budget_fits(records)
+        plot_curves(records, result_rows(records, args.baseline), args.plot or f"{args.report}/report.png")
     else:
-        fits = write_results(args.report, records, args.plot)
-    print_summary(records, fits)
+        fits = write_results(args.report, records, args.plot, args.baseline)
+    print_summary(records, fits, args.baseline)
     return records
 
-
-def print_summary(records, fits):
-    print(summary_table(result_rows(records)))
-    if fits:
-        print(budget_fits_table(fits))
-
-
-def plot_curves(records, path):
-    """Two panels, means over seeds (band and bars: ± std). Left: val loss vs training cost, one colour
-    per variant (with several budgets, one curve each). Right: final val loss vs inference cost, at each
-    evaluated depth: a recursive model run at rounds=1 sits at the baseline's cost (claim 3, "no regret"),
-    at rounds=r+1 beyond its training depth (claim 7). Needs the optional matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib for loss_vs_cost.png)")
-        return
+def plot_curves(records, rows, path):
+    """Three panels, means over seeds (bands and bars: ± std). Left: val loss vs training cost, a colour
+    per variant, a curve per budget. Middle: final val loss vs inference cost at each evaluated depth,
+    so a recursive model at rounds 1 sits at the baseline's cost ("no regret") and at rounds r + 1
+    beyond its training depth. Right: the effective-compute ratio as trained vs tokens per parameter."""
+    from matplotlib.figure import Figure  # no pyplot: no display, no global state
+    fig = Figure(figsize=(19, 4.8))
+    left, middle, right = fig.subplots(1, 3)
+    variants = list(dict.fromkeys(r["run"]["variant"] for r in records))
     groups = {}  # (variant, budget) -> the runs over seeds
     for r in records:
         groups.setdefault((r["run"]["variant"], r["run"]["train"]["budget_steps"]), []).append(r)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
-    styles = {}
     for (variant, budget), runs in groups.items():
-        label = None if variant in styles else variant
-        i = styles.setdefault(variant, len(styles))
-        style = dict(color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3])
+        i = variants.index(variant)
+        style = dict(color=f"C{i % 10}", linestyle="--" if i >= 10 else "-")
         n = min(len(r["curve"]) for r in runs)  # stochastic runs may log a point more or less
         cost = np.mean([[p["cost"] for p in r["curve"][:n]] for r in runs], axis=0)
         loss = np.array([[p["val_loss"] for p in r["curve"][:n]] for r in runs])
-        left.plot(cost, loss.mean(0), marker="o", ms=3, label=label, **style)
+        first = budget == min(b for v, b in groups if v == variant)
+        left.plot(cost, loss.mean(0), marker="o", ms=3, label=variant if first else None, **style)
         if len(runs) > 1:
-            left.fill_between(cost, loss.mean(0) - loss.std(0, ddof=1), loss.mean(0) + loss.std(0, ddof=1),
-                              color=style["color"], alpha=0.15)
+            mean, band = loss.mean(0), loss.std(0, ddof=1)
+            left.fill_between(cost, mean - band, mean + band, color=style["color"], alpha=0.15)
         apps = [e["eval_applications"] for e in runs[0]["evals"]]
         final = np.array([[e["val_loss"] for e in r["evals"]] for r in runs])
-        right.errorbar(apps, final.mean(0), yerr=final.std(0, ddof=1) if len(runs) > 1 else None,
-                       marker="o", ms=4, capsize=3, **style)
+        middle.errorbar(apps, final.mean(0), yerr=final.std(0, ddof=1) if len(runs) > 1 else None,
+                        marker="o", ms=4, capsize=3, **style)
         if len(apps) == 1:  # a model without rounds: a level line to read the others against
-            right.axhline(final.mean(), color=style["color"], linewidth=0.8, linestyle=":")
-    left.set_xscale("log")
-    left.set_xlabel("training cost (layer applications x tokens)")
-    left.set_ylabel("validation loss")
+            middle.axhline(final.mean(), color=style["color"], linewidth=0.8, linestyle=":")
+        trained = [row for row in rows if row["trained"] and row["run"] in {r["run"]["name"] for r in runs}]
+        if trained[0]["effective_compute"] is not None:
+            y = [row["effective_compute"] for row in trained]
+            x = statistics.fmean(row["tokens_per_param"] for row in trained)
+            right.errorbar(x, np.mean(y), yerr=np.std(y, ddof=1) if len(y) > 1 else None, marker="o", ms=4,
+                           capsize=3, **style)
+    left.set(xscale="log", xlabel="training cost (layer applications x tokens)", ylabel="validation loss")
     left.legend(fontsize=8)
-    right.set_xlabel("inference cost (layer applications per token): rounds 1, r, r+1")
-    right.set_ylabel("final validation loss")
+    middle.set(xlabel="inference cost (layer applications per token): rounds 1, r, r+1",
+               ylabel="final validation loss")
+    right.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+    right.set(xscale="log", xlabel="training tokens per parameter",
+              ylabel="effective-compute ratio (> 1: ahead of the baseline)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    print(f"wrote {path}")
-
-
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def print_run(record):
-    mfu = "n/a (no peak known for this device)" if record["mfu"] is None else f"{record['mfu']:.1%}"
-    losses = ", ".join(f"{e['val_loss']:.4f} (rounds {e['rounds'] or 'as trained'})" for e in record["evals"])
-    print(f"{record['run']['name']}: {record['steps']} steps ({record['planned_steps']} planned), "
-          f"{record['tokens']:,} tokens = {record['epochs']:.3f} epochs = {record['tokens'] / record['n_params']:.1f} "
-          f"tokens per parameter, executed cost {record['cost']:.4e} "
-          f"(budget {record['target']:.4e}), {record['wall_s']:.1f} s training, "
-          f"{record['tokens_per_s']:,.0f} tokens/s, MFU {mfu}; val loss {losses}")
+    print(f"wrote the results and the plot {path}")
 
 # -----------------------------------------------------------------------------
 # Sampling
 
-
-def tokenizer(meta):
-    """(encode, decode) for a prepared dataset's vocabulary."""
-    if meta["tokenizer"] == "gpt2":
-        enc = gpt2_encoding()
-        # ids of the padded vocabulary past GPT-2's 50257 have no text
-        return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"}),
-                lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]))
-    itos = meta["itos"]
-    stoi = {c: i for i, c in enumerate(itos)}
-
-    def encode(s):
-        missing = sorted(set(s) - set(stoi))
-        if missing:
-            raise SystemExit(f"error: the prompt has characters outside the vocabulary: {missing}")
-        return [stoi[c] for c in s]
-    return encode, lambda ids: "".join(itos[i] for i in ids if i < len(itos))
-
-
 def sample(args):
     """Generate from a checkpoint with the KV cache, at --rounds rounds of the recursive block."""
-    if not args.ckpt or not os.path.exists(args.ckpt):
-        raise SystemExit(f"error: --sample needs --ckpt PATH of a run's ckpt.pt, got {args.ckpt!r}")
-    if not args.start:
-        raise SystemExit("error: --start must not be empty")
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-    run = ckpt["run"]
-    if args.rounds is not None:
-        try:
-            rins.recursive_run(run["model"]["signature"])
-        except ValueError as e:
-            raise SystemExit(f"error: --rounds: {e}")
-        if args.rounds < 1:
-            raise SystemExit(f"error: --rounds must be >= 1, got {args.rounds}")
-    encode, decode = tokenizer(load_data(args.data_dir, run["train"]["dataset"])[2])
-    device = torch.device(args.device)
-    model = GPT(GPTConfig(**run["model"]))
+    check_flags(args, [("num_samples", args.num_samples >= 1, ">= 1"), ("top_k", args.top_k >= 1, ">= 1"),
+                       ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"), ("start", args.start, "text"),
+                       ("temperature", args.temperature >= 0, ">= 0 (0: greedy)"),
+                       ("rounds", args.rounds is None or args.rounds >= 1, ">= 1")])
+    require(args.ckpt, "--sample needs --ckpt PATH of a run's ckpt.pt")
+    device, ckpt = check_device(args.device), load_ckpt(args.ckpt)
+    model = GPT(GPTConfig(**ckpt["run"]["model"]))
     model.load_state_dict(ckpt["model"])
+    require(args.rounds is None or model.config.recursive, f"--rounds needs a signature with exactly one "
+            f"repeated block, like 'A3B'; {model.config.signature!r} has none")
+    encode, decode = codec(load_prepared(args.data_dir, ckpt["run"]["train"]["dataset"])[2])
     model.eval().to(device)
     torch.manual_seed(args.seeds[0])
     x = torch.tensor([encode(args.start)], dtype=torch.long, device=device)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    for _ in tqdm(range(args.num_samples), desc="samples", leave=False):
+    for _ in range(args.num_samples):
         with ctx:
-            y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k, rounds=args.rounds)
-        tqdm.write(decode(y[0].tolist()) + "\n" + "-" * 40)
+            y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k, args.rounds)
+        print(decode(y[0].tolist()) + "\n" + "-" * 40)
 
-# ----------------------------------------------------------------------------- benchmark mode
-# python train.py --bench: ratios measured side by side in one run (issue 6). Machines are noisy,
-# so variants are timed interleaved, several rounds, and the median is reported.
+# -----------------------------------------------------------------------------
+# Benchmark: ratios measured side by side in one run. Machines are noisy, so the variants are timed
+# interleaved, several rounds each, and the median is reported; bench.json in --out_dir keeps it all.
 
-BENCH_SIGNATURES = ["AB", "A2B", "A3B", "ABAB", "(A3B)2", "A3B:p_skip=0.5"]
-
-
-def bench_model(args, variant, device, **overrides):
-    config = model_config(args, variant, args.bench_vocab)
-    torch.manual_seed(0)
-    return GPT(replace(config, dropout=0.0, **overrides)).to(device)
-
-
-def timed(fn, device):
-    """Wall time of one call of fn, with the GPU's queued work included."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
-def train_step_fn(model, x, y, ctx):
-    def step():
-        with ctx:
-            _, loss = model(x, y)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-    return step
-
-
-def plain_loop_step_fn(model, x, y, ctx):
-    """The same blocks walked by a plain nanoGPT loop (for block in h), no schedule machinery:
-    what the schedule walk's Python overhead is measured against."""
-    def step():
-        with ctx:
-            B, T = x.size()
-            h = model.wte(x) + model.wpe(torch.arange(T, device=x.device))
-            for block in model.transformer.h:
-                h = block(h)[0]
-            logits = model.lm_head(model.transformer.ln_f(h))
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-    return step
-
+BENCH_VARIANTS = ["AB", "A2B", "A3B", "ABAB", "(A3B)2", "A3B:p_skip=0.5"]
 
 def bench(args):
-    device = torch.device(args.device)
+    device = check_device(args.device)
+    check_flags(args, [(k, getattr(args, k) >= 1, ">= 1") for k in ("batch_size", "block_size", "bench_repeats")])
+    os.makedirs(args.out_dir, exist_ok=True)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    B, T = args.batch_size, args.block_size
-    x = torch.randint(0, args.bench_vocab, (B, T), device=device)
-    y = torch.randint(0, args.bench_vocab, (B, T), device=device)
-    print(f"device: {device_name(device)}; n_layer={args.n_layer} n_embd={args.n_embd} n_head={args.n_head} "
-          f"vocab={args.bench_vocab} batch={B}x{T}; median of {args.bench_repeats} interleaved rounds")
+    torch.set_float32_matmul_precision("high")
+    B, T, cuda = args.batch_size, args.block_size, device.type == "cuda"
+    x, y = (torch.randint(0, args.bench_vocab, (B, T), device=device) for _ in range(2))
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    out = dict(device=name, torch=torch.__version__, cuda=torch.version.cuda, compile=args.compile,
+               batch=[B, T], n_layer=args.n_layer, n_embd=args.n_embd, vocab=args.bench_vocab)
+    print(f"{out}; median of {args.bench_repeats} interleaved rounds")
 
-    # 1. training steps: time per executed layer application relative to AB
-    models = {v: bench_model(args, v, device) for v in BENCH_SIGNATURES}
-    steps = {v: train_step_fn(m, x, y, ctx) for v, m in models.items()}
-    steps["AB, plain loop"] = plain_loop_step_fn(models["AB"], x, y, ctx)
-    times = {v: [] for v in steps}
-    for fn in steps.values():
-        fn()  # warm-up
-    for _ in range(args.bench_repeats):  # interleaved, so drift in machine speed hits all alike
-        for v, fn in steps.items():
-            times[v].append(timed(fn, device))
+    # 1. training steps (forward + backward): the time per executed layer application relative to AB
+    models = {v: bench_model(args, v, device, T) for v in BENCH_VARIANTS}
+    steps = {v: train_step_fn(m, lambda m=m: m(x, y)[1], ctx) for v, m in models.items()}
+    steps["AB, plain loop"] = train_step_fn(models["AB"], lambda: plain_loop_loss(models["AB"], x, y), ctx)
+    memory, times = {}, {v: [] for v in steps}
+    for v, step in steps.items():  # warm-up (and compilation); the peak memory of each variant alone
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        step(), step()
+        memory[v] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    for _ in range(args.bench_repeats):  # interleaved, so drift in the machine's speed hits all alike
+        for v, step in steps.items():
+            times[v].append(timed(step, device))
     median = {v: statistics.median(ts) for v, ts in times.items()}
-    applications = {v: rins.expected_applications(m.config) for v, m in models.items()}
-    applications["AB, plain loop"] = applications["AB"]
-    peak = rins.peak_flops(device)
-    rows = []
+    per_app_ab, peak, out["train"] = median["AB"] / args.n_layer, rins.peak_flops(device), []
     for v, t in median.items():
         model = models.get(v, models["AB"])
         with torch.no_grad(), ctx:
             model(x, y)  # counts the executed FLOPs of one forward
-        deterministic = model.config.p_skip == 0  # a stochastic step's FLOPs vary with its draw
-        mfu = model.flops_per_token(T) * B * T / t / peak if peak and deterministic else None
-        rows.append([v, f"{applications[v]:g}", f"{t * 1e3:.1f}", f"{B * T / t:,.0f}",
-                     f"{t / applications[v] / (median['AB'] / applications['AB']):.3f}",
-                     "-" if mfu is None else f"{mfu:.1%}"])
-    print_table(["variant", "layer apps", "ms/step", "tokens/s", "time per app / AB", "MFU"], rows)
+        apps = rins.expected_applications(model.config)
+        mfu = model.flops_per_token(T) * B * T / t / peak if peak else None
+        out["train"].append(dict(variant=v, signature=model.config.signature, layer_applications=apps,
+                                 ms_per_step=t * 1e3, tokens_per_s=B * T / t,
+                                 time_per_application_vs_ab=t / apps / per_app_ab,
+                                 mfu=None if model.config.p_skip else mfu,  # a stochastic step's FLOPs vary
+                                 peak_memory_gib=memory[v]))
+    print_table(out["train"])
 
-    # 2. torch.compile of the blocks, not the walk: a new draw of rounds must reuse the graphs
-    if args.compile:
-        import torch._dynamo as dynamo
-        rows = []
-        for v in ["AB", "A3B", "A3B:p_skip=0.5"]:
-            model = bench_model(args, v, device)
-            for block in model.transformer.h:
-                block.compile()
-            fn = train_step_fn(model, x, y, ctx)
-            fn()  # compiles
-            graphs = dynamo.utils.counters["stats"]["unique_graphs"]
-            t = statistics.median(timed(fn, device) for _ in range(args.bench_repeats))
-            recompiles = dynamo.utils.counters["stats"]["unique_graphs"] - graphs
-            rows.append([v, f"{median[v] * 1e3:.1f}", f"{t * 1e3:.1f}", f"{median[v] / t:.2f}x", str(recompiles)])
-        print_table(["variant", "eager ms", "compiled ms", "speed-up",
-                     f"graphs compiled in {args.bench_repeats} more steps"], rows)
-
-    # 3. generation: tokens/s with and without the KV cache, cache bytes relative to AB
-    rows = []
-    prompt = torch.randint(0, args.bench_vocab, (1, 16), device=device)
-    for new_tokens in (128, 512):
-        for v, share_kv in [("AB", False), ("A3B", False), ("A3B", True)]:
-            model = bench_model(args, v, device, share_kv=share_kv, block_size=16 + new_tokens).eval()
-            gen = {use_cache: lambda use_cache=use_cache: model.generate(prompt, new_tokens, use_cache=use_cache)
-                   for use_cache in (True, False)}
-            with ctx:
-                model.generate(prompt, 8)  # warm-up
-                t = {use_cache: timed(fn, device) for use_cache, fn in gen.items()}
+    # 2. generation of 512 tokens with and without the KV cache; cache bytes relative to AB's
+    out["generate"], prompt = [], torch.randint(0, args.bench_vocab, (1, 16), device=device)
+    for v, share_kv in [("AB", False), ("A3B", False), ("A3B", True)]:
+        model = bench_model(args, v, device, 16 + 512, share_kv=share_kv, compile=False).eval()
+        with torch.no_grad(), ctx:
+            model.generate(prompt, 8)  # warm-up
+            t = {cached: timed(lambda: model.generate(prompt, 512, use_cache=cached), device)
+                 for cached in (True, False)}
             cache = model.new_cache()
-            with torch.no_grad(), ctx:
-                model(prompt, cache=cache)
-            if v == "AB":
-                ab_bytes = cache.nbytes
-            rows.append([v + (" share_kv" if share_kv else ""), new_tokens, f"{new_tokens / t[True]:,.0f}",
-                         f"{new_tokens / t[False]:,.0f}", f"{t[False] / t[True]:.1f}x", f"{cache.nbytes / ab_bytes:.2f}"])
-    print_table(["model", "new tokens", "tok/s cached", "tok/s uncached", "speed-up", "cache bytes / AB"], rows)
-    if device.type == "cuda":
-        print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+            model(prompt, cache=cache)
+        out["generate"].append(dict(model=v + " share_kv" * share_kv, tok_s_cached=512 / t[True],
+                                    tok_s_uncached=512 / t[False], speed_up=t[False] / t[True],
+                                    cache_bytes=cache.nbytes))
+    print_table(out["generate"])
+    write_atomic(os.path.join(args.out_dir, "bench.json"), json.dumps(out, indent=1).encode())
+    print(f"wrote {os.path.join(args.out_dir, 'bench.json')}")
+    return out
 
+def bench_model(args, variant, device, block_size, share_kv=False, compile=True):
+    signature, settings = rins.parse_variant(variant, VARIANT_KEYS)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=args.bench_vocab, n_layer=args.n_layer,
+                          n_head=args.n_head, n_embd=args.n_embd, signature=signature,
+                          share_kv=share_kv, p_skip=settings.get("p_skip", 0.0))).to(device)
+    for block in model.transformer.h if args.compile and compile else []:
+        block.compile()  # the blocks, not the walk, as in training
+    return model
 
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({torch.get_num_threads()} threads)"
+def train_step_fn(model, loss_fn, ctx):
+    def step():
+        with ctx:
+            loss = loss_fn()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return step
 
+def plain_loop_loss(model, x, y):
+    """The same blocks walked by a plain nanoGPT loop (for block in h), without the schedule machinery:
+    what the schedule walk's Python overhead is measured against."""
+    h = model.wte(x) + model.wpe(torch.arange(x.size(1), device=x.device))
+    for block in model.transformer.h:
+        h = block(h)[0]
+    logits = model.lm_head(model.transformer.ln_f(h))
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
 
-def print_table(header, rows):
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    for r in [header] + rows:
-        print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
-    print()
+def timed(fn, device):
+    """Wall time of one call of fn, the GPU's queued work included."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
 
-# -----------------------------------------------------------------------------
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.sample:
-        return sample(args)
-    if args.bench:
-        return bench(args)
-    if args.report:
-        return report(args)
-    ddp = "RANK" in os.environ  # launched by torchrun
-    train_data, val_data, meta = load_data(args.data_dir, args.dataset)
-    runs = plan_runs(args, meta, len(train_data), len(val_data), int(os.environ.get("WORLD_SIZE", 1)))
-    device = torch.device(args.device)
-    if ddp:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
-    master = not ddp or dist.get_rank() == 0
-    records = []
-    for run in runs:
-        run_dir = os.path.join(args.out_dir, run["name"])
-        record_path = os.path.join(run_dir, "run.json")
-        if os.path.exists(record_path):  # finished earlier (plan_runs checked --resume and the configuration)
-            with open(record_path) as f:
-                record = json.load(f)
-        else:
-            os.makedirs(run_dir, exist_ok=True)
-            record = train(run, run_dir, train_data, val_data, device, ddp, args.compile)
-            if master:
-                write_atomic(record_path, json.dumps(record))
-        if master:
-            print_run(record)
-        records.append(record)
-    if master:
-        print_summary(records, write_results(args.out_dir, records))
-    if ddp:
-        dist.destroy_process_group()
-    return records
-
+def print_table(rows):
+    cell = lambda k, v: ("-" if v is None else f"{v:.1%}" if k == "mfu" else f"{v:,.3f}" if type(v) is float
+                         else str(v))
+    print(text_table([list(rows[0])] + [[cell(k, v) for k, v in row.items()] for row in rows]))
 
 if __name__ == "__main__":
     main()

