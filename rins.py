@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 MAX_APPLICATIONS = 10_000  # layer applications per forward: a bound that turns a typo like A99999B into an error
 MAX_DEGREE = 16
@@ -477,7 +478,10 @@ class GPT(nn.Module):
     def new_cache(self, rounds=None):
         return self.transformer.new_cache(rounds)
 
+    # cuDNN attention builds a plan for every new sequence length, and generation makes a new one every
+    # token: generation leaves it out (the flash and memory-efficient kernels need no plan)
     @torch.inference_mode()
+    @sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, rounds=None, use_cache=True):
         """Sample max_new_tokens after idx (B, T), with a KV cache unless use_cache=False.
 

@@ -412,6 +412,93 @@ def test_compiled_blocks_do_not_recompile_per_stochastic_step():
     assert 1 <= counter.frame_count <= 2
     dynamo.reset()
 
+# -----------------------------------------------------------------------------
+# the accelerator path: bf16 autocast, torch.compile (inductor), cached generation. These run on CUDA
+# (.ci/gpu selects them with -k cuda); on a machine without one they are skipped, and
+# RINS_TEST_DEVICE=cpu (.ci/gpu --cpu-dry-run) runs the same code on the CPU.
+
+@pytest.fixture
+def accelerator():
+    name = os.environ.get("RINS_TEST_DEVICE", "cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: .ci/gpu runs these")
+    return torch.device(name)
+
+
+def gpu_model(device, **kw):
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=128, vocab_size=512, n_layer=4, n_head=4, n_embd=128, **kw)
+    return GPT(config).to(device)
+
+
+def relative_error(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("kw", [dict(signature="AB"), dict(signature="A3B"), dict(signature="A3B", p_skip=0.5),
+                                dict(signature="A3B", share_kv=True)])
+def test_cuda_bf16_autocast_matches_float32(accelerator, kw):
+    # bf16 has an 8-bit mantissa: logits and the loss within 2%, gradients within 5% of float32 (the
+    # same stochastic draw for both), measured as |x - x_fp32| / |x_fp32| over whole tensors
+    model = gpu_model(accelerator, **kw).train()
+    idx = torch.randint(0, 512, (4, 128), generator=torch.Generator().manual_seed(1)).to(accelerator)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model.transformer.skip_rng.manual_seed(3)
+        with torch.autocast(accelerator.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            logits, loss = model(idx, idx)
+        loss.backward()
+        results.append((logits, loss, torch.cat([p.grad.flatten() for p in model.parameters()])))
+        model.zero_grad(set_to_none=True)
+    (logits32, loss32, grads32), (logits16, loss16, grads16) = results
+    assert logits16.dtype == torch.bfloat16 and logits32.dtype == torch.float32
+    assert relative_error(logits16, logits32) < 2e-2
+    assert abs(loss16.item() - loss32.item()) < 2e-2 * loss32.item()
+    assert relative_error(grads16, grads32) < 5e-2
+
+
+def test_cuda_compiled_blocks_equal_eager_and_do_not_recompile(accelerator):
+    # the blocks compiled by inductor, as train.py --compile does; twelve stochastic steps, each with the
+    # eager model's draw set to the compiled one's: the same losses and gradients, and no new graph
+    # after the first steps whatever the draw (a block runs with and without shared K, V)
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    compiled, eager = (gpu_model(accelerator, signature="A3B", p_skip=0.5, share_kv=True).train() for _ in "ce")
+    for block in compiled.transformer.h:
+        block.compile()
+    idx = torch.randint(0, 512, (4, 128), generator=torch.Generator().manual_seed(1)).to(accelerator)
+    graphs = []
+    for step in range(12):
+        eager.transformer.skip_rng.set_state(compiled.transformer.skip_rng.get_state())
+        losses = [model(idx, idx)[1] for model in (compiled, eager)]
+        for loss in losses:
+            loss.backward()
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-4)
+        grads = [torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]) for m in (compiled, eager)]
+        assert relative_error(grads[0], grads[1]) < 1e-3
+        for model in (compiled, eager):
+            model.zero_grad(set_to_none=True)
+        graphs.append(dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[-1] == graphs[3] and graphs[-1] <= 2  # both call patterns seen by step 4, nothing new after
+    dynamo.reset()
+
+
+@pytest.mark.parametrize("kw", [dict(signature="AB"), dict(signature="A3B"), dict(signature="A3B", share_kv=True)])
+def test_cuda_cached_generation_equals_uncached(accelerator, kw):
+    # float32 on the device: every cached step's logits equal the uncached forward's, and greedy
+    # generation with the cache equals greedy generation without it, past block_size too
+    model = gpu_model(accelerator, **kw).eval()
+    idx = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(2)).to(accelerator)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(idx[:, :8], cache=cache)
+        for t in range(8, 40):
+            logits, _ = model(idx[:, t:t + 1], cache=cache)
+            torch.testing.assert_close(logits, model(idx[:, :t + 1])[0], rtol=1e-4, atol=1e-4)
+    prompt = idx[:, :4]
+    cached, uncached = (model.generate(prompt, 140, temperature=0, use_cache=c) for c in (True, False))
+    assert cached.shape == (2, 144) and torch.equal(cached, uncached)
+
 # =============================================================================
 # train.py and data/prepare.py
 

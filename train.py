@@ -673,7 +673,10 @@ def bench(args):
     print(f"{out}; median of {args.bench_repeats} interleaved rounds")
 
     # 1. training steps (forward + backward): the time per executed layer application relative to AB
-    models = {v: bench_model(args, v, device, T) for v in BENCH_VARIANTS}
+    try:
+        models = {v: bench_model(args, v, device, T) for v in BENCH_VARIANTS}
+    except ValueError as e:
+        raise SystemExit(f"error: --bench runs {', '.join(BENCH_VARIANTS)}: {e}")
     steps = {v: train_step_fn(m, lambda m=m: m(x, y)[1], ctx) for v, m in models.items()}
     steps["AB, plain loop"] = train_step_fn(models["AB"], lambda: plain_loop_loss(models["AB"], x, y), ctx)
     memory, times = {}, {v: [] for v in steps}
