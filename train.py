@@ -194,7 +194,7 @@ def compare(args):
         records.append(record)
     if master:
         print_summary(records, write_results(args.out_dir, records, None, args.baseline), args.baseline)
-        print(STANDING)
+        print(f"{STANDING}\nresults: {args.out_dir}/results.csv, plot: {args.out_dir}/loss_vs_cost.png")
     if ddp:
         dist.destroy_process_group()
     return records
@@ -575,12 +575,14 @@ def report(args):
                in budgets]
     records.sort(key=lambda r: (keep.index(r["run"]["variant"]), r["run"]["train"]["budget_steps"],
                                 r["run"]["train"]["seed"]))
+    plot = args.plot or f"{args.report}/{'report' if args.variants or args.budget_steps else 'loss_vs_cost'}.png"
     if args.variants or args.budget_steps:
         fits = budget_fits(records)
-        plot_curves(records, result_rows(records, args.baseline), args.plot or f"{args.report}/report.png")
+        plot_curves(records, result_rows(records, args.baseline), plot)
     else:
-        fits = write_results(args.report, records, args.plot, args.baseline)
+        fits = write_results(args.report, records, plot, args.baseline)
     print_summary(records, fits, args.baseline)
+    print(f"plot: {plot}")
     return records
 
 def plot_curves(records, rows, path):
@@ -626,7 +628,6 @@ def plot_curves(records, rows, path):
     right.set(xscale="log", xlabel="training tokens per parameter",
               ylabel="effective-compute ratio (> 1: ahead of the baseline)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    print(f"wrote the results and the plot {path}")
 
 # -----------------------------------------------------------------------------
 # Sampling
