@@ -637,14 +637,18 @@ def law_across_budgets(budgets, n_boot=200, seed=0):
 def effective_compute(loss, cost, baseline):
     """The effective-compute ratio: the training compute at which the baseline reaches `loss`, over `cost`.
 
-    baseline: (cost, final loss) of the baseline at several budgets, each the end of a full schedule
-    (mean over seeds). The compute is interpolated linearly in log compute between the two budgets
-    whose losses bracket `loss`, on the baseline's running best (the first budget that reaches it).
-    Above 1: the variant beats the baseline at equal compute. Outside the baseline's range the
-    ratio is only a bound: returns (ratio at the nearest end, ">" or "<"), else (ratio, "").
+    baseline: (cost, final loss) of the baseline's runs, several seeds at several budgets, each run the
+    end of a full schedule; the losses of one budget (one cost) are averaged. The compute is interpolated
+    linearly in log compute between the two budgets whose losses bracket `loss`, on the baseline's
+    running best (the first budget that reaches it). Above 1: the variant beats the baseline at equal
+    compute. Outside the baseline's range the ratio is only a bound: returns (the ratio at the nearest
+    end, ">" or "<"), else (ratio, "").
     """
-    costs, losses = zip(*sorted(baseline))
-    best = np.minimum.accumulate(losses)
+    by_cost = {}
+    for c, l in baseline:
+        by_cost.setdefault(c, []).append(l)
+    costs = sorted(by_cost)
+    best = np.minimum.accumulate([np.mean(by_cost[c]) for c in costs])
     if loss <= best[-1]:
         return costs[-1] / cost, ">" if loss < best[-1] else ""
     if loss >= best[0]:

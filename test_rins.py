@@ -778,8 +778,8 @@ def test_law_across_budgets_uses_final_losses_as_trained_and_skips_short_sweeps(
 
 
 def test_effective_compute_ratio_by_hand():
-    # the baseline's final losses (mean over seeds) at three budgets
-    baseline = [(2e6, 2.5), (1e6, 3.0), (4e6, 2.0)]
+    # the baseline's final losses at three budgets, two seeds each (their mean: 2.5, 3.0, 2.0)
+    baseline = [(2e6, 2.4), (1e6, 3.1), (4e6, 2.0), (2e6, 2.6), (1e6, 2.9), (4e6, 2.0)]
     # 2.25 lies halfway between 2.5 and 2.0, so halfway between 2e6 and 4e6 in log compute: sqrt(8e12)
     assert rins.effective_compute(2.25, 1e6, baseline) == (pytest.approx(math.sqrt(8e12) / 1e6), "")
     assert rins.effective_compute(2.75, 2e6, baseline) == (pytest.approx(math.sqrt(2e12) / 2e6), "")

@@ -52,10 +52,9 @@ def build_parser():
     mode.add_argument("--sample", action="store_true", help="generate text from --ckpt")
     mode.add_argument("--bench", action="store_true", help="measure speed side by side (no data needed)")
     mode.add_argument("--report", metavar="DIR", help="the table and plot again from the runs in DIR")
-    # data
+    # data and model (the defaults: the CPU char-level model)
     p.add_argument("--dataset", default="shakespeare_char", help="made by data/prepare.py")
     p.add_argument("--data_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
-    # model (defaults: the CPU char-level model)
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--n_head", type=int, default=4)
     p.add_argument("--n_embd", type=int, default=96)
@@ -67,11 +66,10 @@ def build_parser():
     p.add_argument("--adapters", action="store_true", help="a linear adapter after each round")
     p.add_argument("--adapter_rank", type=int, default=0, help="0: automatic (under 1%% of the parameters)")
     p.add_argument("--share_kv", action="store_true", help="later rounds reuse round 1's keys and values")
-    # comparison
+    # the comparison and its optimisation
     p.add_argument("--variants", help="comma-separated variants, e.g. 'AB,A3B,A3B:p_skip=0.5:adapters=1'")
     p.add_argument("--budget_steps", help="in steps of the baseline AB (default 1200)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; a seed makes a CPU run reproducible")
-    # optimisation
     p.add_argument("--batch_size", type=int, default=32, help="sequences per micro-batch per process")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--learning_rate", type=float, default=5e-3)
@@ -81,19 +79,17 @@ def build_parser():
     p.add_argument("--grad_clip", type=float, default=1.0, help="0: no clipping")
     p.add_argument("--warmup_frac", type=float, default=0.05, help="warm-up, of --budget_steps")
     p.add_argument("--cooldown_frac", type=float, default=0.2, help="of the run's own budget")
-    # evaluation, checkpoints, results
+    # evaluation, checkpoints, results, the machine
     p.add_argument("--eval_points", type=int, default=10, help="evaluations and checkpoints per run")
     p.add_argument("--eval_iters", type=int, default=20, help="validation batches per evaluation")
     p.add_argument("--log_interval", type=int, default=10, help="steps between logged train losses")
     p.add_argument("--out_dir", default="out")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs, reuse finished ones")
     p.add_argument("--baseline", default="AB", help="the variant effective compute is measured against")
-    p.add_argument("--plot", help="--report: the plot's path (default DIR/loss_vs_cost.png, DIR/report.png "
-                                  "for a subset)")
-    # system
+    p.add_argument("--plot", help="--report: where the plot goes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks")
-    # sampling
+    # sampling and the benchmark
     p.add_argument("--ckpt", help="checkpoint to sample from")
     p.add_argument("--start", default="\n", help="prompt")
     p.add_argument("--rounds", type=int, help="rounds of the recursive block (default: as trained)")
@@ -101,7 +97,6 @@ def build_parser():
     p.add_argument("--max_new_tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top_k", type=int, default=200)
-    # benchmark
     p.add_argument("--bench_vocab", type=int, default=65, help="vocabulary of --bench models")
     p.add_argument("--bench_repeats", type=int, default=10, help="timed rounds per measurement in --bench")
     return p
@@ -109,8 +104,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     # one run from the flags, or the listed variants; --report keeps every run unless they select some
-    default = DEFAULT_VARIANTS if args.compare else None if args.report else args.signature
-    variants = args.variants or default
+    variants = args.variants or (DEFAULT_VARIANTS if args.compare else None if args.report else args.signature)
     args.variants = variants and [v.strip() for v in variants.split(",")]
     args.budget_steps = int_list(args.budget_steps or ("" if args.report else "1200"), "--budget_steps")
     args.seeds = int_list(args.seeds, "--seeds")
@@ -217,7 +211,7 @@ def plan_runs(args, meta, n_train, n_val, world_size):
                 f"needs more tokens than the data has (train {n_train}, val {n_val})")
         run_dir = os.path.join(args.out_dir, run.name)
         for path in [p for p in (f"{run_dir}/run.json", f"{run_dir}/ckpt.pt") if os.path.exists(p)][:1]:
-            require(args.resume, f"{path} exists: pass --resume to continue or reuse it, or another --out_dir")
+            require(args.resume, f"{path} exists: pass --resume to continue it, or use another --out_dir")
             saved, new = (read_json(path) if path.endswith(".json") else load_ckpt(path))["run"], asdict(run)
             diff = [f"{k}: {saved[p].get(k)!r} -> {new[p].get(k)!r}" for p in ("model", "train")
                     for k in {**saved[p], **new[p]} if saved[p].get(k) != new[p].get(k)]
@@ -415,9 +409,7 @@ def evaluate(model, data, block_size, batch_size, eval_iters, ctx, rounds=None):
     """(mean val loss, layer applications per forward) over fixed batches: the same text at every
     evaluation of every run with this batch shape, so curves and variants compare like for like."""
     model.eval()
-    rng = torch.Generator().manual_seed(EVAL_SEED)
-    device = next(model.parameters()).device
-    losses = []
+    rng, device, losses = torch.Generator().manual_seed(EVAL_SEED), next(model.parameters()).device, []
     for _ in range(eval_iters):
         ix = torch.randint(len(data) - block_size, (batch_size,), generator=rng)
         with ctx:
@@ -464,30 +456,23 @@ def finish(run, model, progress, steps, target, val_data, n_train, meta, ctx, de
                 n_adapter_params=model.num_adapter_params(), floor=meta.get("entropy_per_token"), evals=evals,
                 curve=progress["curve"], train_log=progress["train_log"])
 
-def print_run(record):
-    mfu = "n/a (no peak known for this device)" if record["mfu"] is None else f"{record['mfu']:.1%}"
-    losses = ", ".join(f"{e['val_loss']:.4f} (rounds {e['rounds'] or 'as trained'})" for e in record["evals"])
-    print(f"{record['run']['name']}: {record['steps']} steps ({record['planned_steps']} planned), "
-          f"{record['tokens']:,} tokens = {record['epochs']:.3f} epochs = {record['tokens_per_param']:.1f} "
-          f"tokens per parameter, executed cost {record['cost']:.4e} (budget {record['target']:.4e}), "
-          f"{record['wall_s']:.1f} s training, {record['tokens_per_s']:,.0f} tokens/s, MFU {mfu}; "
-          f"val loss {losses}")
+def print_run(r):
+    losses = ", ".join(f"{e['val_loss']:.4f} (rounds {e['rounds'] or 'as trained'})" for e in r["evals"])
+    print(f"{r['run']['name']}: {r['steps']} steps, {r['tokens']:,} tokens = {r['epochs']:.3f} epochs = "
+          f"{r['tokens_per_param']:.1f} tokens per parameter, cost {r['cost']:.4e} of {r['target']:.4e}, "
+          f"{r['wall_s']:.1f} s, {r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu'] or '-'}; val loss {losses}")
 
 # -----------------------------------------------------------------------------
 # Results: effective compute, the scaling law across budgets, the table, files and the plot
 
 def trained_loss(record):
-    """The final val loss at the depth the run was trained at."""
     return next(e["val_loss"] for e in record["evals"] if e["rounds"] == record["trained_rounds"])
 
 def result_rows(records, baseline):
     """One row per run x eval depth (results.csv), with the effective-compute ratio against the
     baseline variant's final losses (mean over seeds) where it was run at two budgets or more."""
-    base = {}
-    for r in records:
-        if r["run"]["variant"] == baseline:
-            base.setdefault(r["run"]["train"]["budget_steps"], []).append((r["cost"], trained_loss(r)))
-    curve = [tuple(np.mean(runs, axis=0)) for runs in base.values()] if len(base) >= 2 else None
+    base = [(r["cost"], trained_loss(r)) for r in records if r["run"]["variant"] == baseline]
+    curve = base if len({cost for cost, _ in base}) >= 2 else None
     rows = []
     for r in records:
         t = r["run"]["train"]
@@ -567,9 +552,9 @@ def report(args):
     require(records, f"no finished runs (<run>/run.json) in {args.report}")
     variants = args.variants or sorted({r["run"]["variant"] for r in records})
     budgets = args.budget_steps or sorted({r["run"]["train"]["budget_steps"] for r in records})
-    for missing in [v for v in variants if all(r["run"]["variant"] != v for r in records)] + [
-            f"budget {b}" for b in budgets if all(r["run"]["train"]["budget_steps"] != b for r in records)]:
-        require(False, f"no finished runs of {missing} in {args.report}")
+    found = {r["run"]["variant"] for r in records} | {f"budget {r['run']['train']['budget_steps']}" for r in records}
+    missing = [v for v in variants + [f"budget {b}" for b in budgets] if v not in found]
+    require(not missing, f"no finished runs of {', '.join(missing)} in {args.report}")
     keep = variants + [args.baseline] * (args.baseline not in variants)  # for the effective compute
     records = [r for r in records if r["run"]["variant"] in keep and r["run"]["train"]["budget_steps"]
                in budgets]
@@ -586,10 +571,10 @@ def report(args):
     return records
 
 def plot_curves(records, rows, path):
-    """Three panels, means over seeds (bands and bars: ± std). Left: val loss vs training cost, a colour
-    per variant, a curve per budget. Middle: final val loss vs inference cost at each evaluated depth,
-    so a recursive model at rounds 1 sits at the baseline's cost ("no regret") and at rounds r + 1
-    beyond its training depth. Right: the effective-compute ratio as trained vs tokens per parameter."""
+    """Means over seeds (bands, bars: ± std). Left: val loss vs training cost, per variant and budget.
+    Middle: final val loss vs inference cost at each depth: a recursive model at rounds 1 sits at the
+    baseline's cost ("no regret"), at r + 1 beyond its training. Right: effective compute vs tokens
+    per parameter."""
     from matplotlib.figure import Figure  # no pyplot: no display, no global state
     fig = Figure(figsize=(19, 4.8))
     left, middle, right = fig.subplots(1, 3)
@@ -640,12 +625,11 @@ def sample(args):
                        ("rounds", args.rounds is None or args.rounds >= 1, ">= 1")])
     require(args.ckpt, "--sample needs --ckpt PATH of a run's ckpt.pt")
     device, ckpt = check_device(args.device), load_ckpt(args.ckpt)
-    model = GPT(GPTConfig(**ckpt["run"]["model"]))
+    model = GPT(GPTConfig(**ckpt["run"]["model"])).to(device).eval()
     model.load_state_dict(ckpt["model"])
     require(args.rounds is None or model.config.recursive, f"--rounds needs a signature with exactly one "
             f"repeated block, like 'A3B'; {model.config.signature!r} has none")
     encode, decode = codec(load_prepared(args.data_dir, ckpt["run"]["train"]["dataset"])[2])
-    model.eval().to(device)
     torch.manual_seed(args.seeds[0])
     x = torch.tensor([encode(args.start)], dtype=torch.long, device=device)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -662,7 +646,9 @@ BENCH_VARIANTS = ["AB", "A2B", "A3B", "ABAB", "(A3B)2", "A3B:p_skip=0.5"]
 
 def bench(args):
     device = check_device(args.device)
-    check_flags(args, [(k, getattr(args, k) >= 1, ">= 1") for k in ("batch_size", "block_size", "bench_repeats")])
+    check_flags(args, [(k, getattr(args, k) >= 1, ">= 1") for k in ("batch_size", "block_size", "bench_repeats")]
+                + [("n_layer", args.n_layer % 4 == 0, "a multiple of 4 for (A3B)2"),
+                   ("n_embd", args.n_embd % args.n_head == 0, "divisible by --n_head")])
     os.makedirs(args.out_dir, exist_ok=True)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     torch.set_float32_matmul_precision("high")
@@ -674,10 +660,7 @@ def bench(args):
     print(f"{out}; median of {args.bench_repeats} interleaved rounds")
 
     # 1. training steps (forward + backward): the time per executed layer application relative to AB
-    try:
-        models = {v: bench_model(args, v, device, T) for v in BENCH_VARIANTS}
-    except ValueError as e:
-        raise SystemExit(f"error: --bench runs {', '.join(BENCH_VARIANTS)}: {e}")
+    models = {v: bench_model(args, v, device, T) for v in BENCH_VARIANTS}
     steps = {v: train_step_fn(m, lambda m=m: m(x, y)[1], ctx) for v, m in models.items()}
     steps["AB, plain loop"] = train_step_fn(models["AB"], lambda: plain_loop_loss(models["AB"], x, y), ctx)
     memory, times = {}, {v: [] for v in steps}
