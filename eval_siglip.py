@@ -239,6 +239,7 @@ class SigLIP(nn.Module):
         d = image_config.n_embd
         self.image = ImageTower(image_config, in_chans, patch, d)
         self.text = TextTower(text_config, vocab_size, text_len, d)
+        self.text.transformer.skip_rng.manual_seed(torch.initial_seed() + 1)  # its own draws of skipped rounds
         self.log_t = nn.Parameter(torch.tensor(math.log(10.0)))  # SigLIP: t = exp(log_t), t0 = 10
         self.b = nn.Parameter(torch.tensor(-10.0))                # b0 = -10: most pairs are negatives
 
@@ -392,9 +393,9 @@ def run(task, name, variant, seed, args, data, tokens, budget):
     if os.path.exists(path):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # an empty, truncated or foreign file: each fails its own way
-            raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}): delete it to "
-                             f"train that run again")
+        except Exception as e:  # an empty, truncated or foreign file: it is only a cache, so train again
+            print(f"{path} is not a readable checkpoint ({type(e).__name__}): training that run again")
+            ckpt = {}
         if ckpt.get("spec") == spec:
             print(f"reusing {path} (same run; delete it to retrain)")
             return ckpt["rows"], ckpt["loss_curve"]
@@ -413,7 +414,7 @@ def run(task, name, variant, seed, args, data, tokens, budget):
                          "accuracy": round(accuracy, 4), "chance": round(1 / n_classes, 4),
                          "image_signature": towers[0][0].config.signature,
                          "text_signature": towers[1][0].config.signature if task == "siglip" else "",
-                         "p_skip": towers[0][0].config.p_skip, **applications, **log, "budget": budget,
+                         "p_skip": variant[1].get("p_skip", 0.0), **applications, **log, "budget": budget,
                          "train_seconds": round(seconds, 1)})
     print(f"{data['name']} {task} {name} seed {seed}: {log['steps']} steps ({log['epochs']:.2f} epochs), "
           f"{seconds:.0f} s, " + ", ".join(f"{r['metric']} {r['depth']} {r['accuracy']:.3f}" for r in rows))
@@ -520,7 +521,7 @@ def setup(args):
     if len(set(seeds)) < len(seeds):
         raise SystemExit(f"error: --seeds repeats a seed: {args.seeds!r}")
     try:
-        rins.device(args.device)
+        rins.parse_device(args.device)
         variants = {}
         for spec in args.variants.split(","):
             signature, settings = rins.parse_variant(spec, rins.MODEL_KEYS)
@@ -546,7 +547,7 @@ def main(argv=None):
     rows, curves, out = [], [], os.path.join(args.out_dir, data["name"])
     for task in tasks:
         # the budget: what the baseline AB costs in args.steps steps
-        _, towers = build(task, ("AB", {}), args, data, tokens)
+        _, towers = build(task, ("A", {}), args, data, tokens)  # "A": n_layer applications for any n_layer
         budget = args.steps * step_cost([(t.config, n) for t, n in towers])
         for seed in seeds:
             for name, variant in variants.items():

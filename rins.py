@@ -152,14 +152,14 @@ def recursive_block(units):
 # -----------------------------------------------------------------------------
 # Variants: "A3B:p_skip=0.5:adapters=1", one syntax for train.py and eval_siglip.py
 
-def flag(text):
+def zero_or_one(text):
     """A boolean override: exactly 0 or 1."""
     if text not in ("0", "1"):
         raise ValueError(f"write 0 or 1, not {text!r}")
     return text == "1"
 
 # the keys a variant may override in every script, with their parsers; a script adds its own
-MODEL_KEYS = {"p_skip": float, "adapters": flag, "adapter_rank": int, "share_kv": flag}
+MODEL_KEYS = {"p_skip": float, "adapters": zero_or_one, "adapter_rank": int, "share_kv": zero_or_one}
 
 def parse_variant(spec, keys):
     """'A3B:p_skip=0.5:adapters=1' -> ('A3B', {'p_skip': 0.5, 'adapters': True}).
@@ -198,7 +198,7 @@ class GPTConfig:
     signature: str = "AB"    # "AB" plain, "A3B" RINS r=3, "ABAB" repeat-all-over, "(A3B)2" degree 2
     p_skip: float = 0.0      # stochastic RINS: skip probability of every unit between the first and the last
     adapters: bool = False   # a linear adapter after each unit but the last
-    adapter_rank: int = 0    # 0: full rank if all adapters fit in 1% of the parameters, else the largest that does
+    adapter_rank: int = 0    # 0: full rank if all fit in 1% of the block stack's parameters, else the largest that does
     share_kv: bool = False   # later applications of a layer reuse its first application's K, V
     causal: bool = True      # False: bidirectional encoder (SigLIP towers)
 
@@ -217,7 +217,8 @@ class GPTConfig:
             raise ValueError(f"p_skip must be in [0, 1], got {self.p_skip}")
         if not 0 <= self.adapter_rank <= self.n_embd:
             raise ValueError(f"adapter_rank must be in [0, n_embd={self.n_embd}], got {self.adapter_rank}")
-        self.units = signature_units(self.signature, self.n_layer)  # derived, so not a dataclass field
+        # derived, so not dataclass fields (make a new config rather than change a field of this one)
+        self.units = signature_units(self.signature, self.n_layer)
         self.recursive = recursive_block(self.units)
 
 class SelfAttention(nn.Module):
@@ -346,7 +347,7 @@ class Transformer(nn.Module):
         self.config = config
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
-        n_adapters = len(config.units) - 1 if config.adapters else 0  # after each round of A in A^rB
+        n_adapters = len(config.units) - 1 if config.adapters else 0  # after each unit but the last
         rank = config.adapter_rank or adapter_rank(config.n_embd, n_adapters, self.num_params())
         self.adapters = nn.ModuleList([Adapter(config.n_embd, rank) for _ in range(n_adapters)])
         # stochastic rounds draw from their own generator: identical on every DDP rank, saved in checkpoints
@@ -567,7 +568,7 @@ def adamw(model, weight_decay, learning_rate, betas, device_type):
     fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
-def device(name):
+def parse_device(name):
     """torch.device(name) for cpu or an available cuda device; ValueError naming the fix otherwise."""
     try:
         d = torch.device(name)
@@ -577,6 +578,8 @@ def device(name):
         raise ValueError(f"{name!r}: only cpu and cuda are supported")
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{name!r}: CUDA is not available here: use cpu")
+    if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{name!r}: this machine has {torch.cuda.device_count()} CUDA devices, numbered from 0")
     return d
 
 # dense bf16 tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name()
@@ -637,8 +640,8 @@ def law_across_budgets(budgets, n_boot=200, seed=0):
 def effective_compute(loss, cost, baseline):
     """The effective-compute ratio: the training compute at which the baseline reaches `loss`, over `cost`.
 
-    baseline: (cost, final loss) of the baseline's runs, several seeds at several budgets, each run the
-    end of a full schedule; the losses of one budget (one cost) are averaged. The compute is interpolated
+    baseline: (budget, final loss) of the baseline's runs, several seeds at several budgets, each run
+    the end of a full schedule; the losses of one budget are averaged (over seeds). The compute is interpolated
     linearly in log compute between the two budgets whose losses bracket `loss`, on the baseline's
     running best (the first budget that reaches it). Above 1: the variant beats the baseline at equal
     compute. Outside the baseline's range the ratio is only a bound: returns (the ratio at the nearest

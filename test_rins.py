@@ -1011,7 +1011,7 @@ def test_bad_input_through_the_command_line_exits_with_one_line():
 @pytest.mark.parametrize("files,flags,message", [
     ({"a.txt": "caf\u00e9 au lait".encode("latin-1"), "b.txt": b"fine"}, [], "a.txt is not UTF-8"),
     ({"a.txt": "text".encode("utf-16"), "b.txt": b"fine"}, [], "a.txt is not UTF-8"),
-    ({"a.txt": b"some text", "b.txt": b""}, [], "are empty: every work needs text"),
+    ({"a.txt": b"some text", "b.txt": b""}, [], "validation works"),
     ({"a.txt": b"x", "b.txt": b"y"}, ["--name", "../../x"], "must be a plain folder name"),
     ({"a.txt": b"x", "b.txt": b"y"}, ["--name", "/tmp/x"], "must be a plain folder name"),
     ({}, ["--grammar", "--name", "grammar_shallow"], "the presets are grammar and grammar_deep"),
@@ -1163,8 +1163,6 @@ def siglip_bad_inputs(tmp_path):
     for name in es.FASHION_FILES:
         (tmp_path / "folders" / name).mkdir()
     (tmp_path / "a_file").write_text("")
-    (tmp_path / "out" / "ckpt").mkdir(parents=True)
-    (tmp_path / "out" / "ckpt" / "shapes_siglip_AB_seed0.pt").write_bytes(b"PK\x03\x04 truncated")
     shapes = ["--dataset", "shapes", "--out_dir", str(tmp_path / "o")]
     return [(["--data_dir", str(tmp_path / "missing")], "apt-get install dataset-fashion-mnist"),
             (["--data_dir", str(tmp_path / "folders")], "no file train-images-idx3-ubyte"),
@@ -1179,9 +1177,7 @@ def siglip_bad_inputs(tmp_path):
             (shapes + ["--learning_rate", "-1"], "--learning_rate must be > 0"),
             (shapes + ["--device", "tpu9"], "'tpu9' is not a device"),
             (shapes + ["--seeds", "0,0"], "--seeds repeats a seed"),
-            (["--dataset", "shapes", "--out_dir", str(tmp_path / "a_file")], "--out_dir"),
-            (["--dataset", "shapes", "--out_dir", str(tmp_path / "out"), "--tasks", "siglip", "--variants", "AB"],
-             "shapes_siglip_AB_seed0.pt is not a readable checkpoint")]
+            (["--dataset", "shapes", "--out_dir", str(tmp_path / "a_file")], "--out_dir")]
 
 
 def test_siglip_bad_input_is_one_clear_line_before_training(tmp_path, capsys):
@@ -1191,6 +1187,18 @@ def test_siglip_bad_input_is_one_clear_line_before_training(tmp_path, capsys):
         message = str(e.value.code)
         assert expected in message and "\n" not in message and message.startswith("error: "), (argv, message)
         assert "samples" not in capsys.readouterr().err  # stopped before training: no progress bar
+
+
+def test_siglip_retrains_over_a_damaged_checkpoint(tmp_path, capsys):
+    flags = ["--dataset", "shapes", "--tasks", "control", "--variants", "AB", "--steps", "3", "--n_layer", "2",
+             "--n_embd", "16", "--out_dir", str(tmp_path)]
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "shapes_control_AB_seed0.pt").write_bytes(b"PK\x03\x04 truncated")
+    es.main(flags)
+    assert "is not a readable checkpoint (" in capsys.readouterr().out  # said, then trained again
+    ckpt = torch.load(tmp_path / "ckpt" / "shapes_control_AB_seed0.pt", weights_only=True)
+    es.main(flags)
+    assert "reusing" in capsys.readouterr().out and ckpt["rows"][0]["steps"] == 3
 
 
 def test_siglip_nan_loss_stops_without_writing_results(tmp_path, monkeypatch):

@@ -2,15 +2,13 @@
 Train RINS language models at the same training compute, compare them, and sample from them:
 nanoGPT's train.py with the budget counted in executed layer applications x tokens.
 
-    python train.py --compare                                # CPU default: AB, A3B, ABAB, ~10 minutes
+    python train.py --compare                              # CPU default: AB, A3B, ABAB, ~10 minutes
     python train.py --variants "AB,A3B,A3B:p_skip=0.5:adapters=1" --budget_steps 1500,3000 --seeds 0,1
-    python train.py --report out                             # the table and plot again, no training
-    python train.py --sample --ckpt out/A3B_b1200_s0/ckpt.pt --rounds 1
-    python train.py --bench                                  # speed, measured side by side
-    torchrun --standalone --nproc_per_node=8 train.py ...    # DDP: NCCL on GPUs, gloo on CPU
+    python train.py --report out | --sample --ckpt out/A3B_b1200_s0/ckpt.pt | --bench
+    torchrun --standalone --nproc_per_node=8 train.py ...  # DDP: NCCL on GPUs, gloo on CPU
 
-A variant is a signature with overrides, "SIG:key=value:..." (keys: VARIANT_KEYS); the flags give every
-value a variant does not override. The README's "Training at the same compute" says how runs are planned.
+A variant is "SIG:key=value:..." (keys: VARIANT_KEYS); the flags give what it does not override. The
+README's "Training at the same compute" says how runs are planned.
 """
 
 import argparse
@@ -42,8 +40,7 @@ DEFAULT_VARIANTS = "AB,A3B,ABAB"
 EVAL_SEED = 1234  # validation batches are the same for every evaluation of every run
 VARIANT_KEYS = {**rins.MODEL_KEYS, "block_size": int, "batch_size": int, "learning_rate": float}
 LOCKS = []  # the open lock files of this process's runs: a lock lives as long as its file is open
-STANDING = ("where it stands: the README's regime study (results/regime) measures the effective-compute "
-            "ratio of A^rB against AB from 26 to 1000 tokens per parameter")
+STANDING = "where it stands: the README's regime study (results/regime) compares A^rB with AB up to 1000 tokens/param"
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,7 +60,7 @@ def build_parser():
     # RINS: the defaults of every variant
     p.add_argument("--signature", default="AB", help="e.g. AB, A3B, ABAB, (A3B)2 (README: Definitions)")
     p.add_argument("--p_skip", type=float, default=0.0, help="stochastic RINS: skip probability")
-    p.add_argument("--adapters", action="store_true", help="a linear adapter after each round")
+    p.add_argument("--adapters", action="store_true", help="a linear adapter after each unit but the last")
     p.add_argument("--adapter_rank", type=int, default=0, help="0: automatic (under 1%% of the parameters)")
     p.add_argument("--share_kv", action="store_true", help="later rounds reuse round 1's keys and values")
     # the comparison and its optimisation
@@ -126,8 +123,9 @@ def require(ok, message):
     if not ok:
         raise SystemExit(f"error: {message}")
 
-def check_flags(args, rules):
-    for name, ok, rule in rules:
+def check_flags(args, positive, rules):
+    """The flags named in `positive` must be >= 1; each rule is (flag, whether it holds, what it must be)."""
+    for name, ok, rule in [(k, getattr(args, k) >= 1, ">= 1") for k in positive] + rules:
         require(ok, f"--{name} must be {rule}, got {getattr(args, name)}")
 
 # -----------------------------------------------------------------------------
@@ -183,8 +181,6 @@ def compare(args):
             record = train(run, os.path.dirname(path), train_data, val_data, meta, device, ddp, args.compile)
             if master:
                 write_atomic(path, json.dumps(record).encode())
-        if master:
-            print_run(record)
         records.append(record)
     if master:
         print_summary(records, write_results(args.out_dir, records, None, args.baseline), args.baseline)
@@ -195,10 +191,9 @@ def compare(args):
 
 def plan_runs(args, meta, n_train, n_val, world_size):
     """One Run per budget x seed x variant, every flag, setting and file checked before any compute."""
-    positive = ("batch_size", "grad_accum", "eval_points", "eval_iters", "log_interval")
-    check_flags(args, [(k, getattr(args, k) >= 1, ">= 1") for k in positive] + [
-        ("budget_steps", min(args.budget_steps) >= 1, ">= 1"), ("seeds", min(args.seeds) >= 0, ">= 0"),
-        ("warmup_frac", 0 < args.warmup_frac < 1, "in (0, 1)"),
+    check_flags(args, ("batch_size", "grad_accum", "eval_points", "eval_iters", "log_interval"), [
+        ("budget_steps", min(args.budget_steps, default=0) >= 1, ">= 1"),
+        ("seeds", min(args.seeds, default=-1) >= 0, ">= 0"), ("warmup_frac", 0 < args.warmup_frac < 1, "in (0,1)"),
         ("cooldown_frac", 0 < args.cooldown_frac < 1, "in (0, 1)"),
         ("weight_decay", args.weight_decay >= 0, ">= 0"), ("grad_clip", args.grad_clip >= 0, ">= 0 (0: off)"),
         ("beta1", 0 <= args.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= args.beta2 < 1, "in [0, 1)")])
@@ -210,9 +205,11 @@ def plan_runs(args, meta, n_train, n_val, world_size):
         require(min(n_train, n_val) > run.model.block_size, f"{run.name}: block_size {run.model.block_size} "
                 f"needs more tokens than the data has (train {n_train}, val {n_val})")
         run_dir = os.path.join(args.out_dir, run.name)
-        for path in [p for p in (f"{run_dir}/run.json", f"{run_dir}/ckpt.pt") if os.path.exists(p)][:1]:
+        path = next((p for p in (f"{run_dir}/run.json", f"{run_dir}/ckpt.pt") if os.path.exists(p)), None)
+        if path:
             require(args.resume, f"{path} exists: pass --resume to continue it, or use another --out_dir")
-            saved, new = (read_json(path) if path.endswith(".json") else load_ckpt(path))["run"], asdict(run)
+            saved = (read_json(path) if path.endswith(".json") else read_checkpoint(path))["run"]
+            new = asdict(run)
             diff = [f"{k}: {saved[p].get(k)!r} -> {new[p].get(k)!r}" for p in ("model", "train")
                     for k in {**saved[p], **new[p]} if saved[p].get(k) != new[p].get(k)]
             require(saved == new, f"{path} was written by a run with another configuration "
@@ -272,7 +269,7 @@ def planned_steps(model, train):
     tokens_per_step = train.batch_size * model.block_size * train.grad_accum * train.world_size
     return rins.steps_for_budget(train.budget, rins.expected_applications(model) * tokens_per_step)
 
-def load_ckpt(path):
+def read_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         assert isinstance(ckpt, dict) and {"run", "model"} <= set(ckpt)
@@ -283,7 +280,7 @@ def load_ckpt(path):
 
 def check_device(name):
     try:
-        return rins.device(name)
+        return rins.parse_device(name)
     except ValueError as e:
         raise SystemExit(f"error: --device: {e}")
 
@@ -428,7 +425,7 @@ def save_checkpoint(path, run, model, optimizer, progress, data_rng):
     write_atomic(path, lambda tmp: torch.save(ckpt, tmp))  # a kill while writing leaves the last one intact
 
 def load_checkpoint(path, model, optimizer, data_rng):
-    ckpt = load_ckpt(path)
+    ckpt = read_checkpoint(path)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -456,12 +453,6 @@ def finish(run, model, progress, steps, target, val_data, n_train, meta, ctx, de
                 n_adapter_params=model.num_adapter_params(), floor=meta.get("entropy_per_token"), evals=evals,
                 curve=progress["curve"], train_log=progress["train_log"])
 
-def print_run(r):
-    losses = ", ".join(f"{e['val_loss']:.4f} (rounds {e['rounds'] or 'as trained'})" for e in r["evals"])
-    print(f"{r['run']['name']}: {r['steps']} steps, {r['tokens']:,} tokens = {r['epochs']:.3f} epochs = "
-          f"{r['tokens_per_param']:.1f} tokens per parameter, cost {r['cost']:.4e} of {r['target']:.4e}, "
-          f"{r['wall_s']:.1f} s, {r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu'] or '-'}; val loss {losses}")
-
 # -----------------------------------------------------------------------------
 # Results: effective compute, the scaling law across budgets, the table, files and the plot
 
@@ -471,8 +462,8 @@ def trained_loss(record):
 def result_rows(records, baseline):
     """One row per run x eval depth (results.csv), with the effective-compute ratio against the
     baseline variant's final losses (mean over seeds) where it was run at two budgets or more."""
-    base = [(r["cost"], trained_loss(r)) for r in records if r["run"]["variant"] == baseline]
-    curve = base if len({cost for cost, _ in base}) >= 2 else None
+    base = [(r["target"], trained_loss(r)) for r in records if r["run"]["variant"] == baseline]
+    curve = base if len({budget for budget, _ in base}) >= 2 else None
     rows = []
     for r in records:
         t = r["run"]["train"]
@@ -552,16 +543,24 @@ def report(args):
     require(records, f"no finished runs (<run>/run.json) in {args.report}")
     variants = args.variants or sorted({r["run"]["variant"] for r in records})
     budgets = args.budget_steps or sorted({r["run"]["train"]["budget_steps"] for r in records})
-    found = {r["run"]["variant"] for r in records} | {f"budget {r['run']['train']['budget_steps']}" for r in records}
+    found = {r["run"]["variant"] for r in records} | {f"budget {r['run']['train']['budget_steps']}"
+                                                       for r in records}
     missing = [v for v in variants + [f"budget {b}" for b in budgets] if v not in found]
     require(not missing, f"no finished runs of {', '.join(missing)} in {args.report}")
+    # a variant's runs are averaged over seeds and read across budgets: they may differ in nothing else
+    settings, first = lambda r: [r["run"]["model"], {**r["run"]["train"], "seed": 0, "budget_steps": 0,
+                                                     "budget": 0}], {}
+    mixed = {r["run"]["variant"] for r in records if first.setdefault(r["run"]["variant"], settings(r))
+             != settings(r)}
+    require(not mixed, f"{args.report} holds runs of {sorted(mixed)} with other settings: report them apart")
     keep = variants + [args.baseline] * (args.baseline not in variants)  # for the effective compute
     records = [r for r in records if r["run"]["variant"] in keep and r["run"]["train"]["budget_steps"]
                in budgets]
     records.sort(key=lambda r: (keep.index(r["run"]["variant"]), r["run"]["train"]["budget_steps"],
                                 r["run"]["train"]["seed"]))
-    plot = args.plot or f"{args.report}/{'report' if args.variants or args.budget_steps else 'loss_vs_cost'}.png"
-    if args.variants or args.budget_steps:
+    subset = args.variants or args.budget_steps
+    plot = args.plot or os.path.join(args.report, "report.png" if subset else "loss_vs_cost.png")
+    if subset:
         fits = budget_fits(records)
         plot_curves(records, result_rows(records, args.baseline), plot)
     else:
@@ -612,25 +611,26 @@ def plot_curves(records, rows, path):
     right.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
     right.set(xscale="log", xlabel="training tokens per parameter",
               ylabel="effective-compute ratio (> 1: ahead of the baseline)")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 # -----------------------------------------------------------------------------
 # Sampling
 
 def sample(args):
     """Generate from a checkpoint with the KV cache, at --rounds rounds of the recursive block."""
-    check_flags(args, [("num_samples", args.num_samples >= 1, ">= 1"), ("top_k", args.top_k >= 1, ">= 1"),
-                       ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"), ("start", args.start, "text"),
-                       ("temperature", args.temperature >= 0, ">= 0 (0: greedy)"),
-                       ("rounds", args.rounds is None or args.rounds >= 1, ">= 1")])
-    require(args.ckpt, "--sample needs --ckpt PATH of a run's ckpt.pt")
-    device, ckpt = check_device(args.device), load_ckpt(args.ckpt)
+    check_flags(args, ("num_samples", "top_k", "max_new_tokens"), [
+        ("start", args.start, "text"), ("temperature", args.temperature >= 0, ">= 0 (0: greedy)"),
+        ("rounds", args.rounds is None or args.rounds > 0, "> 0"), ("ckpt", args.ckpt, "a run's ckpt.pt")])
+    device, ckpt = check_device(args.device), read_checkpoint(args.ckpt)
     model = GPT(GPTConfig(**ckpt["run"]["model"])).to(device).eval()
     model.load_state_dict(ckpt["model"])
     require(args.rounds is None or model.config.recursive, f"--rounds needs a signature with exactly one "
             f"repeated block, like 'A3B'; {model.config.signature!r} has none")
-    encode, decode = codec(load_prepared(args.data_dir, ckpt["run"]["train"]["dataset"])[2])
-    torch.manual_seed(args.seeds[0])
+    meta = load_prepared(args.data_dir, ckpt["run"]["train"]["dataset"])[2]
+    require(meta["fingerprint"] == ckpt["run"]["train"].get("data_fingerprint", meta["fingerprint"]),
+            f"{args.ckpt}: its dataset was prepared again since, from other text: prepare it as it was")
+    encode, decode = codec(meta)
+    torch.manual_seed((args.seeds or [0])[0])
     x = torch.tensor([encode(args.start)], dtype=torch.long, device=device)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     for _ in range(args.num_samples):
@@ -646,9 +646,9 @@ BENCH_VARIANTS = ["AB", "A2B", "A3B", "ABAB", "(A3B)2", "A3B:p_skip=0.5"]
 
 def bench(args):
     device = check_device(args.device)
-    check_flags(args, [(k, getattr(args, k) >= 1, ">= 1") for k in ("batch_size", "block_size", "bench_repeats")]
-                + [("n_layer", args.n_layer % 4 == 0, "a multiple of 4 for (A3B)2"),
-                   ("n_embd", args.n_embd % args.n_head == 0, "divisible by --n_head")])
+    check_flags(args, ("batch_size", "block_size", "bench_repeats", "bench_vocab", "n_head"), [
+        ("n_layer", args.n_layer >= 4 and args.n_layer % 4 == 0, "4, 8, ... (for (A3B)2)"),
+        ("n_embd", args.n_head >= 1 and args.n_embd % args.n_head == 0, "a multiple of --n_head")])
     os.makedirs(args.out_dir, exist_ok=True)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     torch.set_float32_matmul_precision("high")

@@ -84,14 +84,12 @@ def prepare(files, out, bpe, source):
     """Tokenise the works in `files` into the folder `out` (train.bin, val.bin, meta.json)."""
     train_files, val_files = split_by_work(sorted(files))
     texts = {f: read_text(f) for f in train_files + val_files}
-    if not "".join(texts[f] for f in val_files) or not "".join(texts[f] for f in train_files):
-        raise SystemExit(f"error: the {'validation' if train_files else 'training'} works {val_files} are empty: "
-                         f"every work needs text")
+    for split, split_files in (("training", train_files), ("validation", val_files)):
+        if not "".join(texts[f] for f in split_files):
+            raise SystemExit(f"error: the {split} works {split_files} are empty: every split needs text")
     fingerprint = hashlib.sha256(json.dumps(
         ["gpt2" if bpe else "char"] + [[os.path.basename(f), texts[f]] for f in sorted(texts)]).encode()).hexdigest()
-    meta_path = os.path.join(out, "meta.json")
-    if os.path.exists(meta_path) and json.load(open(meta_path)).get("fingerprint") == fingerprint and all(
-            os.path.exists(os.path.join(out, f)) for f in ("train.bin", "val.bin")):
+    if up_to_date(out, fingerprint):
         print(f"{out}/ is up to date ({len(train_files)} train / {len(val_files)} val works)")
         return
 
@@ -107,7 +105,7 @@ def prepare(files, out, bpe, source):
         stoi = {c: i for i, c in enumerate(chars)}
         encode = lambda text: [stoi[c] for c in text]
         vocab = {"tokenizer": "char", "vocab_size": len(chars), "itos": "".join(chars)}
-    os.makedirs(out, exist_ok=True)
+    start_writing(out)
     counts = {}
     for split, split_files in (("train", train_files), ("val", val_files)):
         ids = np.array([i for f in split_files for i in encode(texts[f])], dtype=np.uint16)
@@ -116,7 +114,7 @@ def prepare(files, out, bpe, source):
     meta = {**vocab, "train_tokens": counts["train"], "val_tokens": counts["val"], "source": source,
             "train_works": [os.path.basename(f) for f in train_files],
             "val_works": [os.path.basename(f) for f in val_files], "fingerprint": fingerprint}
-    write_atomic(meta_path, json.dumps(meta, indent=1).encode())  # last: its fingerprint marks the set complete
+    write_atomic(os.path.join(out, "meta.json"), json.dumps(meta, indent=1).encode())  # last: marks the set whole
     print(f"wrote {out}/: train.bin {counts['train']:,} tokens ({len(train_files)} works), "
           f"val.bin {counts['val']:,} tokens ({len(val_files)} works), meta.json "
           f"({vocab['tokenizer']} vocabulary of {vocab['vocab_size']})")
@@ -129,6 +127,11 @@ def read_text(path):
         raise SystemExit(f"error: {path} is not UTF-8 ({e.reason} at byte {e.start}): convert it, e.g. "
                          f"iconv -f latin1 -t utf-8 (or -f utf-16)")
 
+def check_name(name):
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise SystemExit(f"error: the dataset name {name!r} must be a plain folder name (letters, digits, _ . -): "
+                         f"the data goes to data/NAME/; pass --name")
+
 def prepare_grammar(out, name, n_tokens, seed=1, val_seed=2, n_val=1_000_000):
     """n_tokens of training text and n_val of validation text from data/grammar.py's preset `name`,
     from different seeds, so no validation sentence was drawn for training; meta.json keeps the exact
@@ -136,11 +139,10 @@ def prepare_grammar(out, name, n_tokens, seed=1, val_seed=2, n_val=1_000_000):
     from data.grammar import generate, make_grammar, ngram_loss, statistics, vocabulary
     g = make_grammar(name)
     fingerprint = hashlib.sha256(json.dumps([name, n_tokens, seed, val_seed, n_val]).encode()).hexdigest()
-    meta_path = os.path.join(out, "meta.json")
-    if os.path.exists(meta_path) and read_json(meta_path).get("fingerprint") == fingerprint:
+    if up_to_date(out, fingerprint):
         print(f"{out}/ is up to date ({n_tokens:,} training tokens)")
         return
-    os.makedirs(out, exist_ok=True)
+    start_writing(out)
     train, val = generate(g, n_tokens, seed), generate(g, n_val, val_seed)
     write_atomic(os.path.join(out, "train.bin"), train.tobytes())
     write_atomic(os.path.join(out, "val.bin"), val.tobytes())
@@ -149,15 +151,32 @@ def prepare_grammar(out, name, n_tokens, seed=1, val_seed=2, n_val=1_000_000):
     meta = {"tokenizer": "word", "vocab_size": len(words), "itos": words, "train_tokens": n_tokens, "val_tokens": n_val,
             **statistics(g), **ngrams, "grammar": name, "seeds": [seed, val_seed], "fingerprint": fingerprint,
             "source": f"data/grammar.py, preset {name}: i.i.d. sentences of a probabilistic grammar"}
-    write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+    write_atomic(os.path.join(out, "meta.json"), json.dumps(meta, indent=1).encode())  # last: marks the set whole
     print(f"wrote {out}/: {n_tokens:,} training and {n_val:,} validation tokens of {len(words)} words; loss floor "
           f"{meta['entropy_per_token']:.4f} nats/token, unigram {ngrams['unigram_loss']:.4f}, bigram {ngrams['bigram_loss']:.4f}")
+
+def up_to_date(out, fingerprint):
+    """Whether out/ holds a whole dataset made from the same inputs (meta.json is written last)."""
+    try:
+        with open(os.path.join(out, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):  # missing or damaged: prepare again
+        return False
+    return isinstance(meta, dict) and meta.get("fingerprint") == fingerprint and all(
+        os.path.exists(os.path.join(out, f)) for f in ("train.bin", "val.bin"))
+
+def start_writing(out):
+    """Remove the old meta.json first, so that a preparation stopped halfway leaves no dataset that
+    looks whole (train.py reads meta.json's fingerprint to tell a dataset prepared again)."""
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(os.path.join(out, "meta.json")):
+        os.remove(os.path.join(out, "meta.json"))
 
 def write_atomic(path, data):
     """Write bytes, or call data(tmp_path) to write, to a temporary file and rename it over path: a
     process killed while writing leaves the previous file intact, and a failed write (a full disk)
     leaves no temporary file behind. Shared by every script that writes results or checkpoints."""
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: two processes may write the same file
     try:
         if callable(data):
             data(tmp)
@@ -235,13 +254,11 @@ if __name__ == "__main__":
     parser.add_argument("--name", help="output folder under data/ (default: shakespeare_char, shakespeare_gpt2, "
                                        "or the grammar preset, grammar or grammar_deep)")
     args = parser.parse_args()
-    if args.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name):
-        raise SystemExit(f"error: --name {args.name!r} must be a plain folder name (letters, digits, _ . -): "
-                         f"the data goes to data/NAME/")
     if args.grammar:
-        if args.tokens < 1:
-            raise SystemExit(f"error: --tokens must be >= 1, got {args.tokens}")
+        if args.tokens < 1000:
+            raise SystemExit(f"error: --tokens must be >= 1000, got {args.tokens}")
         name = args.name or "grammar"
+        check_name(name)
         if name not in ("grammar", "grammar_deep"):
             raise SystemExit(f"error: --grammar --name {name!r}: the presets are grammar and grammar_deep")
         prepare_grammar(os.path.join(DATA_DIR, name), name, args.tokens)
@@ -256,4 +273,5 @@ if __name__ == "__main__":
             files = shakespeare_files()
             name = args.name or (BPE_NAME if args.bpe else CHAR_NAME)
             source = SHAKESPEARE_CREDIT
+        check_name(name)
         prepare(files, os.path.join(DATA_DIR, name), args.bpe, source)
