@@ -653,8 +653,11 @@ def test_kill_and_resume_equals_uninterrupted(data_dir, tmp_path):
 
 def start_and_wait_for_checkpoint(flags, ckpt):
     """A train.py process, returned once it has written ckpt (it is then training)."""
+    # a process started in the background inherits an ignored SIGINT, and Python then keeps ignoring it:
+    # the child gets the default back, as a program run from a terminal has it
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + flags, env=ONE_THREAD,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while not ckpt.exists() and proc.poll() is None:
         time.sleep(0.005)
     assert proc.poll() is None, "the run finished before its first checkpoint was seen"
