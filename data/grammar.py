@@ -133,7 +133,6 @@ PRESETS = {
     "grammar_deep": dict(p_relative=0.45, p_complement=0.35, p_subordinate=0.2),
 }
 
-
 def make_grammar(name="grammar"):
     """The preset `name` ("grammar" or "grammar_deep") as a compiled, checked Grammar."""
     if name not in PRESETS:
@@ -141,12 +140,10 @@ def make_grammar(name="grammar"):
     clauses = ["CL"] + [f"RB_{n}_{c}" for n in NUMBERS for c in CLASSES]
     return Grammar(grammar_rules(**PRESETS[name]), clauses=clauses, name=name)
 
-
 def grammar_rules(p_relative, p_complement, p_subordinate):
     """All rules as (lhs, rhs, weight) triples: the schema of the module docstring, written out."""
     return (syntax_rules(p_relative, p_complement, p_subordinate)
             + [(lhs, [word], w) for lhs, word_list in word_lists().items() for word, w in zipf(word_list)])
-
 
 def syntax_rules(p_relative, p_complement, p_subordinate):
     """The rules of the nonterminals above the words."""
@@ -181,7 +178,6 @@ def syntax_rules(p_relative, p_complement, p_subordinate):
                       for d in CLASSES for verb, w in zipf(words("transitive", d))]
     return rules
 
-
 def word_lists():
     """{preterminal: its words, most frequent first}."""
     lists = {"DET": words("determiner"), "ADJ": words("adjective"), "ADV": words("adverb"),
@@ -199,12 +195,10 @@ def word_lists():
                 lists[f"NOUN_{n}_{verb}"] = [noun_form(w, n) for w in nouns[start:] + nouns[:start]]
     return lists
 
-
 def object_rules(key, c):
     """OBJ_key: a noun phrase of class c whose noun comes from the word list NOUN_sg_key or NOUN_pl_key."""
     return [(f"OBJ_{key}", ["DET", f"OBJN_{key}"], 1), (f"OBJN_{key}", ["ADJ", f"OBJN_{key}"], P_ADJECTIVE),
             *[(f"OBJN_{key}", [f"NOUN_{n}_{key}", f"POST_{n}_{c}"], (1 - P_ADJECTIVE) * P_NUMBER[n]) for n in NUMBERS]]
-
 
 def words(*keys):
     """A word list of WORDS, e.g. words("noun", "animal")."""
@@ -213,22 +207,18 @@ def words(*keys):
         entry = entry[key]
     return entry.split()
 
-
 def zipf(items):
     """[(item, probability)]: the k-th item (from 1) has probability proportional to 1 / k**ZIPF_EXPONENT."""
     weights = 1 / np.arange(1, len(items) + 1) ** ZIPF_EXPONENT
     return list(zip(items, weights / weights.sum()))
 
-
 def noun_form(noun, number):
     """Plural nouns get -s ..."""
     return add_s(noun) if number == "pl" else noun
 
-
 def verb_form(verb, number):
     """... and singular verbs."""
     return add_s(verb) if number == "sg" else verb
-
 
 def add_s(word):
     """Plural of a noun or 3rd person singular of a verb: dog -> dogs, box -> boxes, cry -> cries."""
@@ -318,7 +308,6 @@ class Grammar:
     def rule_str(self, r):
         return f"{self.names[self.lhs[r]]} -> {' '.join(self.names[s] for s in self.rhs[r]) or '(nothing)'}"
 
-
 def ll1_table(g):
     """{(nonterminal, next word): rule}: the LL(1) parse table, or ValueError on a conflict.
 
@@ -381,7 +370,6 @@ def entropy_per_token(g):
     """The entropy rate of the stream of i.i.d. sentences, in nats per token: the best possible loss."""
     return statistics(g)["entropy_per_token"]
 
-
 def statistics(g):
     """Exact expectations per sentence, by linear algebra over the grammar (no sampling).
 
@@ -416,7 +404,6 @@ def statistics(g):
 
 SENTENCES_PER_BATCH = 4096
 
-
 def generate(g, n_tokens, seed):
     """Exactly n_tokens token ids (uint16): i.i.d. sentences back to back, the last one cut off.
 
@@ -431,7 +418,6 @@ def generate(g, n_tokens, seed):
         chunks.append(sample_sentences(g, SENTENCES_PER_BATCH, rng).astype(np.uint16))
         total += len(chunks[-1])
     return np.concatenate(chunks)[:n_tokens] if chunks else np.zeros(0, np.uint16)
-
 
 def sample_sentences(g, n_sentences, rng):
     """n_sentences i.i.d. sentences, concatenated, as an int32 array of token ids.
@@ -499,7 +485,6 @@ def parse(g, tokens):
         raise ValueError(f"not a sentence: the sentence ends at position {pos - 1}, before the input does")
     return derivation
 
-
 def derive(g, derivation):
     """The token ids a leftmost derivation (rule ids, as `parse` returns) writes; inverse of `parse`."""
     stack, tokens = [g.start], []
@@ -512,7 +497,6 @@ def derive(g, derivation):
     if any(s >= g.n_words for s in stack):
         raise ValueError("incomplete derivation: nonterminals are left")
     return np.array(tokens + stack[::-1], dtype=np.int64)
-
 
 def vocabulary(g):
     """The token strings, id -> word ("." is id 0), in order of first appearance in the rules."""
@@ -533,7 +517,6 @@ def ngram_loss(train_ids, val_ids, n, vocab_size, alpha=0.1):
     context = count_in(train // vocab_size, val // vocab_size)
     return float(-np.mean(np.log((joint + alpha) / (context + alpha * vocab_size))))
 
-
 def ngram_keys(ids, n, vocab_size):
     """Each n-gram of ids as one int64, base vocab_size."""
     ids = np.asarray(ids, dtype=np.int64)
@@ -543,7 +526,6 @@ def ngram_keys(ids, n, vocab_size):
     for i in range(n):
         keys = keys * vocab_size + ids[i:len(ids) - n + 1 + i]
     return keys
-
 
 def count_in(keys, queries):
     """How often each query occurs among keys."""
