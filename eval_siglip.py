@@ -40,6 +40,7 @@ import math
 import os
 import re
 import time
+from collections import namedtuple
 
 import numpy as np
 import torch
@@ -170,6 +171,8 @@ def draw_shapes(shape_colours, positions, rng):
 
 PAD = 0
 
+Captions = namedtuple("Captions", "train prompts vocab")  # what tokenize_captions returns
+
 def tokenize_captions(descriptions):
     """(train_tokens (classes, descriptions, TRAIN_TEMPLATES, L), prompt_tokens (classes, prompts, L), vocab).
 
@@ -186,7 +189,7 @@ def tokenize_captions(descriptions):
     pad = lambda s: [compact[i] for i in s] + [PAD] * (L - len(s))
     train_tokens = torch.tensor([[[pad(s) for s in d] for d in c] for c in train])
     prompt_tokens = torch.tensor([[pad(s) for s in c] for c in prompts])
-    return train_tokens, prompt_tokens, vocab
+    return Captions(train_tokens, prompt_tokens, vocab)
 
 # -----------------------------------------------------------------------------
 # Model
@@ -319,7 +322,7 @@ def train(model, towers, task, data, tokens, budget, args, seed, desc):
     warmup = max(1, round(args.warmup_frac * args.steps)) / steps  # the same warm-up steps for every variant
     opt = rins.adamw(model, args.weight_decay, args.learning_rate, (args.beta1, args.beta2), device.type)
     images, labels, phrases = (t.to(device) for t in data["train"])
-    train_tokens = tokens[0].to(device)
+    train_tokens = tokens.train.to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     model.train()
     step, cost, curve = 0, 0, []
@@ -358,7 +361,7 @@ def evaluate(model, task, data, tokens, rounds, device, batch=1000):
     """Accuracy per test split, and the layer applications each tower executed at this depth."""
     model.eval()
     if task == "siglip":
-        prompts = tokens[1].to(device)
+        prompts = tokens.prompts.to(device)
         prompt_emb = model.text(prompts.flatten(0, 1), rounds).view(*prompts.shape[:2], -1)
         class_emb = class_embeddings(prompt_emb.float())
     scores = {}
@@ -418,7 +421,7 @@ def run(task, name, variant, seed, args, data, tokens, budget):
                          "train_seconds": round(seconds, 1)})
     print(f"{data['name']} {task} {name} seed {seed}: {log['steps']} steps ({log['epochs']:.2f} epochs), "
           f"{seconds:.0f} s, " + ", ".join(f"{r['metric']} {r['depth']} {r['accuracy']:.3f}" for r in rows))
-    ckpt = {"spec": spec, "rows": rows, "loss_curve": curve, "model": model.state_dict(), "vocab": tokens[2]}
+    ckpt = {"spec": spec, "rows": rows, "loss_curve": curve, "model": model.state_dict(), "vocab": tokens.vocab}
     write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
     return rows, curve
 
