@@ -549,7 +549,7 @@ def report(args):
     require(not missing, f"no finished runs of {', '.join(missing)} in {args.report}")
     # a variant's runs are averaged over seeds and read across budgets: they may differ in nothing else
     settings, first = lambda r: [r["run"]["model"], {**r["run"]["train"], "seed": 0, "budget_steps": 0,
-                                                     "budget": 0}], {}
+                                                     "budget": 0, "warmup_steps": 0}], {}
     mixed = {r["run"]["variant"] for r in records if first.setdefault(r["run"]["variant"], settings(r))
              != settings(r)}
     require(not mixed, f"{args.report} holds runs of {sorted(mixed)} with other settings: report them apart")
