@@ -553,7 +553,7 @@ def test_same_steps_control_takes_the_baselines_steps_at_the_same_cost(data_dir,
     records = by_variant(run_train(data_dir, tmp_path, "--variants", "AB,A3B:batch_size=1", "--budget_steps", "12"))
     ab, control = records["AB"], records["A3B:batch_size=1"]
     assert control["steps"] == ab["steps"] == 12 and control["cost"] == ab["cost"] == 12 * 4 * TOKENS_PER_STEP
-    assert control["tokens"] == ab["tokens"] // 2 and control["run"]["train"]["warmup_steps"] == 1
+    assert control["tokens"] == ab["tokens"] // 2 and control["run"]["train"]["warmup_steps"] == 2  # 20% of 12
     assert {p.parent.name for p in tmp_path.glob("*/run.json")} == {r["run"]["name"] for r in records.values()}
 
 @pytest.mark.parametrize("grad_accum", [1, 2])

@@ -74,7 +74,7 @@ def build_parser():
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--beta2", type=float, default=0.99)
     p.add_argument("--grad_clip", type=float, default=1.0, help="0: no clipping")
-    p.add_argument("--warmup_frac", type=float, default=0.05, help="warm-up, of --budget_steps")
+    p.add_argument("--warmup_frac", type=float, default=0.2, help="warm-up, of --budget_steps (README: measured)")
     p.add_argument("--cooldown_frac", type=float, default=0.2, help="of the run's own budget")
     # evaluation, checkpoints, results, the machine
     p.add_argument("--eval_points", type=int, default=10, help="evaluations and checkpoints per run")
