@@ -1441,3 +1441,8 @@ def test_train_reports_nats_above_the_floor_on_the_grammar(tmp_path, capsys):
     assert "above floor" in table and f"{r['evals'][0]['val_loss'] - floor:.4f}" in table
     row = next(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     assert float(row["above_floor"]) == pytest.approx(r["evals"][0]["val_loss"] - floor)
+    # the summary ends with where the comparison stands and where its files are, all of them written
+    out = tmp_path / "out"
+    paths = f"results: {out}/results.csv, plot: {out}/loss_vs_cost.png"
+    assert table.strip().splitlines()[-2:] == [train.STANDING, paths]
+    assert (out / "loss_vs_cost.png").stat().st_size > 0
