@@ -16,6 +16,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -808,9 +809,11 @@ def test_report_joins_runs_of_several_invocations_and_filters(data_dir, tmp_path
     # another budget of the same variant joins (its own warm-up steps); other settings do not
     run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "16")
     assert len(train.main(["--report", str(tmp_path), "--variants", "AB"])) == 3
-    run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "12", "--weight_decay", "0")
-    with pytest.raises(SystemExit, match=r"holds runs of \['AB'\] with other settings"):
-        train.main(["--report", str(tmp_path)])
+    for other in (["--warmup_frac", "0.5"], ["--weight_decay", "0"]):  # warm-up: its rule, not its steps
+        shutil.rmtree(tmp_path / "AB_b12_s0", ignore_errors=True)
+        run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "12", *other)
+        with pytest.raises(SystemExit, match=r"holds runs of \['AB'\] with other settings"):
+            train.main(["--report", str(tmp_path)])
     with pytest.raises(SystemExit, match="no finished runs of budget 9 in"):
         train.main(["--report", str(tmp_path), "--budget_steps", "8,9"])
 

@@ -148,7 +148,8 @@ class TrainConfig:
     beta1: float
     beta2: float
     grad_clip: float
-    warmup_steps: int      # the same for every variant of a comparison
+    warmup_frac: float     # of budget_steps: the rule that makes warmup_steps ...
+    warmup_steps: int      # ... the same for every variant of a comparison
     cooldown_frac: float   # of the run's own budget
     eval_points: int
     eval_iters: int
@@ -194,10 +195,10 @@ def plan_runs(args, meta, n_train, n_val, world_size):
     """One Run per budget x seed x variant, every flag, setting and file checked before any compute."""
     check_flags(args, ("batch_size", "grad_accum", "eval_points", "eval_iters", "log_interval"), [
         ("budget_steps", min(args.budget_steps, default=0) >= 1, ">= 1"),
-        ("seeds", min(args.seeds, default=-1) >= 0, ">= 0"), ("warmup_frac", 0 < args.warmup_frac < 1, "in (0,1)"),
-        ("cooldown_frac", 0 < args.cooldown_frac < 1, "in (0, 1)"),
-        ("weight_decay", args.weight_decay >= 0, ">= 0"), ("grad_clip", args.grad_clip >= 0, ">= 0 (0: off)"),
-        ("beta1", 0 <= args.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= args.beta2 < 1, "in [0, 1)")])
+        ("seeds", min(args.seeds, default=-1) >= 0, ">= 0"), ("warmup_frac", 0 < args.warmup_frac < 1, "in (0, 1)"),
+        ("cooldown_frac", 0 < args.cooldown_frac < 1, "in (0, 1)"), ("weight_decay", args.weight_decay >= 0, ">= 0"),
+        ("grad_clip", args.grad_clip >= 0, ">= 0 (0: off)"), ("beta1", 0 <= args.beta1 < 1, "in [0, 1)"),
+        ("beta2", 0 <= args.beta2 < 1, "in [0, 1)")])
     runs = [make_run(args, spec, budget_steps, seed, meta, world_size)
             for budget_steps in args.budget_steps for seed in args.seeds for spec in args.variants]
     names = [run.name for run in runs]
@@ -246,14 +247,14 @@ def make_run(args, spec, budget_steps, seed, meta, world_size):
     require(s["batch_size"] >= 1 and s["learning_rate"] > 0, f"variant {spec!r}: batch_size must be >= 1 and "
             f"learning_rate > 0, got {s['batch_size']} and {s['learning_rate']}")
     # the budget: the baseline (n_layer applications) for budget_steps steps at the flags' batch
-    base_tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world_size
+    base_step_tokens = args.batch_size * args.block_size * args.grad_accum * world_size
     train = TrainConfig(
         dataset=args.dataset, data_fingerprint=meta["fingerprint"], seed=seed, budget_steps=budget_steps,
-        budget=budget_steps * args.n_layer * base_tokens_per_step, batch_size=s["batch_size"],
-        grad_accum=args.grad_accum, world_size=world_size, learning_rate=s["learning_rate"],
+        budget=budget_steps * args.n_layer * base_step_tokens, batch_size=s["batch_size"], grad_accum=args.grad_accum,
+        world_size=world_size, learning_rate=s["learning_rate"], log_interval=args.log_interval,
         weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2, grad_clip=args.grad_clip,
-        warmup_steps=max(1, round(args.warmup_frac * budget_steps)), cooldown_frac=args.cooldown_frac,
-        eval_points=args.eval_points, eval_iters=args.eval_iters, log_interval=args.log_interval)
+        warmup_frac=args.warmup_frac, warmup_steps=max(1, round(args.warmup_frac * budget_steps)),
+        cooldown_frac=args.cooldown_frac, eval_points=args.eval_points, eval_iters=args.eval_iters)
     # the variant's name shows its RINS settings that differ from the plain model's and the other settings
     # that differ from the flags', so a run's folder says what makes it different within a comparison
     plain = {k: getattr(GPTConfig, k) if k in rins.MODEL_KEYS else getattr(args, k) for k in VARIANT_KEYS}
@@ -606,8 +607,7 @@ def plot_curves(records, rows, path):
                            capsize=3, **style)
     left.set(xscale="log", xlabel="training cost (layer applications x tokens)", ylabel="validation loss")
     left.legend(fontsize=8)
-    middle.set(xlabel="inference cost (layer applications per token): rounds 1, r, r+1",
-               ylabel="final validation loss")
+    middle.set(xlabel="inference cost (layer applications per token): rounds 1, r, r+1", ylabel="final validation loss")
     right.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
     right.set(xscale="log", xlabel="training tokens per parameter",
               ylabel="effective-compute ratio (> 1: ahead of the baseline)")
