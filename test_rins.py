@@ -1449,3 +1449,22 @@ def test_train_reports_nats_above_the_floor_on_the_grammar(tmp_path, capsys):
     paths = f"results: {out}/results.csv, plot: {out}/loss_vs_cost.png"
     assert table.strip().splitlines()[-2:] == [train.STANDING, paths]
     assert (out / "loss_vs_cost.png").stat().st_size > 0
+
+def test_the_standing_line_agrees_with_the_studies_the_repository_ships():
+    # independent: recomputed from each study's results.csv (trained depth, mean over seeds per cell)
+    def cells(folder):
+        means = {}
+        for row in csv.DictReader(open(os.path.join(ROOT, "results", folder, "results.csv"))):
+            if row["trained"] == "True" and row["variant"] != "AB":
+                means.setdefault((row["variant"], int(row["budget_steps"])), []).append(float(row["effective_compute"]))
+        return {cell: sum(ratios) / len(ratios) for cell, ratios in means.items()}
+
+    def ab_tokens_per_param(folder, budget):
+        return next(float(row["tokens_per_param"]) for row in csv.DictReader(open(os.path.join(
+            ROOT, "results", folder, "results.csv"))) if row["variant"] == "AB" and int(row["budget_steps"]) == budget)
+
+    for folder, a3b in [("regime", "A3B:learning_rate=0.01"), ("grammar", "A3B")]:
+        ratios = cells(folder)
+        assert max(ratios.values()) < 1  # "AB led at equal compute in every cell"
+        top = max(budget for variant, budget in ratios if variant == a3b)
+        assert f"{ratios[a3b, top]:.2f} at {ab_tokens_per_param(folder, top):.0f} tokens/param" in train.STANDING

@@ -41,7 +41,7 @@ EVAL_SEED = 1234  # validation batches are the same for every evaluation of ever
 VARIANT_KEYS = {**rins.MODEL_KEYS, "block_size": int, "batch_size": int, "learning_rate": float}
 LOCKS = []  # the open lock files of this process's runs: a lock lives as long as its file is open
 STANDING = ("where it stands: AB led at equal compute in every cell of the README's studies; A3B's "
-            "effective-compute ratio: 0.52 at 210 tokens/param (Shakespeare), 0.66 at 1005 (grammar)")
+            "effective-compute ratio: 0.52 at 210 tokens/param (Shakespeare), 0.66 at 1005 tokens/param (grammar)")
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
