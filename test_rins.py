@@ -1452,19 +1452,15 @@ def test_train_reports_nats_above_the_floor_on_the_grammar(tmp_path, capsys):
 
 def test_the_standing_line_agrees_with_the_studies_the_repository_ships():
     # independent: recomputed from each study's results.csv (trained depth, mean over seeds per cell)
-    def cells(folder):
-        means = {}
-        for row in csv.DictReader(open(os.path.join(ROOT, "results", folder, "results.csv"))):
-            if row["trained"] == "True" and row["variant"] != "AB":
-                means.setdefault((row["variant"], int(row["budget_steps"])), []).append(float(row["effective_compute"]))
-        return {cell: sum(ratios) / len(ratios) for cell, ratios in means.items()}
-
-    def ab_tokens_per_param(folder, budget):
-        return next(float(row["tokens_per_param"]) for row in csv.DictReader(open(os.path.join(
-            ROOT, "results", folder, "results.csv"))) if row["variant"] == "AB" and int(row["budget_steps"]) == budget)
-
     for folder, a3b in [("regime", "A3B:learning_rate=0.01"), ("regime_w32", "A3B"), ("grammar", "A3B")]:
-        ratios = cells(folder)
+        rows = list(csv.DictReader(open(os.path.join(ROOT, "results", folder, "results.csv"))))
+        cells = {}
+        for row in rows:
+            if row["trained"] == "True" and row["variant"] != "AB":
+                cells.setdefault((row["variant"], int(row["budget_steps"])), []).append(float(row["effective_compute"]))
+        ratios = {cell: sum(values) / len(values) for cell, values in cells.items()}
         assert max(ratios.values()) < 1  # "AB led at equal compute in every cell"
         top = max(budget for variant, budget in ratios if variant == a3b)
-        assert f"{ratios[a3b, top]:.2f} at {ab_tokens_per_param(folder, top):.0f}" in train.STANDING
+        ab_tokens_per_param = next(float(row["tokens_per_param"]) for row in rows
+                                   if row["variant"] == "AB" and int(row["budget_steps"]) == top)
+        assert f"{ratios[a3b, top]:.2f} at {ab_tokens_per_param:.0f}" in train.STANDING
