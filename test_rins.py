@@ -809,10 +809,16 @@ def test_report_joins_runs_of_several_invocations_and_filters(data_dir, tmp_path
     # another budget of the same variant joins (its own warm-up steps); other settings do not
     run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "16")
     assert len(train.main(["--report", str(tmp_path), "--variants", "AB"])) == 3
+    # a subset keeps the baseline's whole curve, so A2B's effective compute does not change with it
+    full = [row for row in train.result_rows(train.main(["--report", str(tmp_path)]), "AB") if row["variant"] == "A2B"]
+    subset = train.main(["--report", str(tmp_path), "--variants", "A2B", "--budget_steps", "8"])
+    assert sorted(r["run"]["name"] for r in subset) == ["A2B_b8_s0", "AB_b16_s0", "AB_b8_s0", "AB_b8_s1"]
+    assert [row for row in train.result_rows(subset, "AB") if row["variant"] == "A2B"] == full
+    assert all(row["effective_compute"] is not None for row in full)
     for other in (["--warmup_frac", "0.5"], ["--weight_decay", "0"]):  # warm-up: its rule, not its steps
         shutil.rmtree(tmp_path / "AB_b12_s0", ignore_errors=True)
         run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "12", *other)
-        with pytest.raises(SystemExit, match=r"holds runs of \['AB'\] with other settings"):
+        with pytest.raises(SystemExit, match="holds runs of AB with other settings"):
             train.main(["--report", str(tmp_path)])
     with pytest.raises(SystemExit, match="no finished runs of budget 9 in"):
         train.main(["--report", str(tmp_path), "--budget_steps", "8,9"])

@@ -539,24 +539,24 @@ def write_results(out_dir, records, plot_path, baseline):
 
 def report(args):
     """The results files, table and plot again from the finished runs of a folder, without training;
-    --variants and --budget_steps select runs (plotted to DIR/report.png; the results files stay)."""
+    --variants and --budget_steps select runs, the baseline's at every budget (plot: DIR/report.png)."""
     records = [read_json(path) for path in sorted(glob.glob(os.path.join(args.report, "*", "run.json")))]
     require(records, f"no finished runs (<run>/run.json) in {args.report}")
     variants = args.variants or sorted({r["run"]["variant"] for r in records})
     budgets = args.budget_steps or sorted({r["run"]["train"]["budget_steps"] for r in records})
-    found = {r["run"]["variant"] for r in records} | {f"budget {r['run']['train']['budget_steps']}"
-                                                       for r in records}
+    found = {r["run"]["variant"] for r in records} | {f"budget {r['run']['train']['budget_steps']}" for r in records}
     missing = [v for v in variants + [f"budget {b}" for b in budgets] if v not in found]
     require(not missing, f"no finished runs of {', '.join(missing)} in {args.report}")
     # a variant's runs are averaged over seeds and read across budgets: they may differ in nothing else
-    settings, first = lambda r: [r["run"]["model"], {**r["run"]["train"], "seed": 0, "budget_steps": 0,
-                                                     "budget": 0, "warmup_steps": 0}], {}
-    mixed = {r["run"]["variant"] for r in records if first.setdefault(r["run"]["variant"], settings(r))
-             != settings(r)}
-    require(not mixed, f"{args.report} holds runs of {sorted(mixed)} with other settings: report them apart")
-    keep = variants + [args.baseline] * (args.baseline not in variants)  # for the effective compute
-    records = [r for r in records if r["run"]["variant"] in keep and r["run"]["train"]["budget_steps"]
-               in budgets]
+    settings = {}
+    for r in records:
+        s = [r["run"]["model"], {**r["run"]["train"], "seed": 0, "budget_steps": 0, "budget": 0, "warmup_steps": 0}]
+        require(settings.setdefault(r["run"]["variant"], s) == s,
+                f"{args.report} holds runs of {r['run']['variant']} with other settings: report them apart")
+    # the baseline stays at every budget: the effective-compute ratios read its whole curve
+    records = [r for r in records if r["run"]["variant"] == args.baseline
+               or (r["run"]["variant"] in variants and r["run"]["train"]["budget_steps"] in budgets)]
+    keep = variants + [args.baseline] * (args.baseline not in variants)
     records.sort(key=lambda r: (keep.index(r["run"]["variant"]), r["run"]["train"]["budget_steps"],
                                 r["run"]["train"]["seed"]))
     subset = args.variants or args.budget_steps
