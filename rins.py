@@ -282,8 +282,8 @@ class Block(nn.Module):
         return x, kv
 
 class Adapter(nn.Module):
-    """x -> x + W x after a round of the recursive block. The paper adds linear adapters under 1% of
-    the parameters; [our choice] one per unit but the last, zero-initialised W (an untrained adapter
+    """x -> x + W x after a unit of the schedule (a round of the recursive block). The paper adds linear
+    adapters under 1% of the parameters; [our choice] one per unit but the last, zero-initialised W (an untrained adapter
     is the identity), no bias. Full rank W (d x d) when all adapters fit the 1% budget, else
     W = U V with U zero and V random, so the map starts at zero but U still receives gradients.
     """
@@ -362,7 +362,8 @@ class Transformer(nn.Module):
         """The units to run now, as (layers, adapter index or None) pairs.
 
         rounds: run the recursive block this many times (1 = the baseline's cost, > r extrapolates;
-            [our choice] an extrapolated round has no adapter of its own).
+            [our choice] an extrapolated round has no adapter of its own, nor the last round of a block
+            that ends the schedule, as in training).
         Stochastic RINS: in training with p_skip > 0, every unit but the first and the last is
             skipped with probability p_skip, so A^rB runs 1 + Binomial(r - 1, 1 - p_skip) rounds of
             A. [our choice] One draw per forward (per training micro-batch), not per example, so a
@@ -379,6 +380,8 @@ class Transformer(nn.Module):
             start, r = self.config.recursive
             block = units[start][0]
             rounds_run = [(block, units[start + j][1] if j < r else None) for j in range(rounds)]
+            if start + r == len(units):  # a block that ends the schedule feeds ln_f with no adapter, as in training
+                rounds_run[-1] = (block, None)
             return units[:start] + rounds_run + units[start + r:]
         if self.training and self.config.p_skip > 0 and len(units) > 2:
             keep = torch.rand(len(units) - 2, generator=self.skip_rng) >= self.config.p_skip

@@ -292,6 +292,19 @@ def test_adapters_start_as_identity():
     for rounds in (1, 3, 4):
         assert torch.equal(plain(idx, idx, rounds=rounds)[0], with_adapters(idx, idx, rounds=rounds)[0])
 
+def test_one_round_is_the_model_training_runs_when_it_skips_every_round_it_can():
+    # rounds=1 with adapters must be the network stochastic training runs when every middle unit is
+    # skipped (p_skip=1): for A3B, A with its first adapter then B; for AB3, whose recursive block ends
+    # the schedule, A with its adapter, then B straight into ln_f (the last unit has no adapter)
+    idx = torch.randint(0, 37, (2, 12))
+    for signature in ("A3B", "AB3"):
+        model = tiny_model(signature=signature, adapters=True, adapter_rank=4, p_skip=1.0)
+        for adapter in model.transformer.adapters:
+            torch.nn.init.normal_(adapter.up.weight, std=0.5)
+        trained_net = model.train()(idx, idx)[0]
+        assert model.transformer.adapters_run == 1
+        torch.testing.assert_close(model.eval()(idx, idx, rounds=1)[0], trained_net)
+
 def test_adapters_learn():
     model = tiny_model(signature="A3B", adapters=True, adapter_rank=4).train()
     idx = torch.randint(0, 37, (2, 12))
