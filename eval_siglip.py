@@ -278,8 +278,21 @@ def init_weights(model, n_layer):
 # Compute matching, as train.py: a step costs layer applications x tokens, summed over the towers
 
 def step_cost(towers):
-    """Expected cost of one training step; towers: (rins config, tokens per step) pairs."""
-    return sum(rins.expected_applications(config) * tokens for config, tokens in towers)
+    """Expected cost of one training step; towers: (tower, tokens per step) pairs, as build gives them."""
+    return sum(rins.expected_applications(tower.config) * tokens for tower, tokens in towers)
+
+def baseline_budget(task, args, data, tokens):
+    """Every run's compute budget: what the baseline AB costs in --budget_steps steps."""
+    _, towers = build(task, ("A", {}), args, data, tokens)  # "A": n_layer applications for any n_layer
+    return args.budget_steps * step_cost(towers)
+
+def planned_steps(task, variant, args, data, tokens):
+    """The steps a run plans: the budget over its expected step cost."""
+    _, towers = build(task, variant, args, data, tokens)
+    return rins.steps_for_budget(baseline_budget(task, args, data, tokens), step_cost(towers))
+
+def warmup_steps(args):
+    return max(1, round(args.warmup_frac * args.budget_steps))
 
 # -----------------------------------------------------------------------------
 # One run: train a SigLIP or a control under a budget, then score it at 1x and full depth
@@ -316,10 +329,10 @@ def train(model, towers, task, data, tokens, budget, args, seed, desc):
     expected cost, the LR schedule laid on them with the baseline's warm-up steps, a stochastic run
     stopped on the cost that executed. A nan/inf loss stops the script before any result is written."""
     device = torch.device(args.device)
-    expected = step_cost([(t.config, n) for t, n in towers])
+    expected = step_cost(towers)
     steps = rins.steps_for_budget(budget, expected)
     target = steps * expected  # the budget rounded to whole planned steps
-    warmup = max(1, round(args.warmup_frac * args.steps)) / steps  # the same warm-up steps for every variant
+    warmup = warmup_steps(args) / steps  # the same warm-up steps for every variant
     opt = rins.adamw(model, args.weight_decay, args.learning_rate, (args.beta1, args.beta2), device.type)
     images, labels, phrases = (t.to(device) for t in data["train"])
     train_tokens = tokens.train.to(device)
@@ -382,7 +395,7 @@ def evaluate(model, task, data, tokens, rounds, device, batch=1000):
                     "text_applications": model.text.transformer.applications if task == "siglip" else 0}
     return scores, applications
 
-RUN_SETTINGS = ("recurse", "steps", "batch_size", "n_layer", "n_head", "n_embd", "patch", "learning_rate",
+RUN_SETTINGS = ("recurse", "budget_steps", "batch_size", "n_layer", "n_head", "n_embd", "patch", "learning_rate",
                 "weight_decay", "beta1", "beta2", "warmup_frac", "cooldown_frac")
 
 def run(task, name, variant, seed, args, data, tokens, budget):
@@ -489,9 +502,9 @@ def parse_args(argv):
                    help="comma-separated variants SIG[:key=value...], keys " + ", ".join(rins.MODEL_KEYS))
     p.add_argument("--recurse", default="image", choices=("image", "text", "both"),
                    help="tower(s) that get the variant's signature; the other runs AB [our choice: image]")
-    p.add_argument("--tasks", default="siglip,control", help="siglip, control (vision-only classifier), or both")
+    p.add_argument("--tasks", default="siglip,control", help="siglip, control (a vision-only classifier) or siglip,control")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    p.add_argument("--steps", type=int, default=1500, help="steps of the baseline AB: every run's compute budget")
+    p.add_argument("--budget_steps", type=int, default=1500, help="steps of the baseline AB: every run's budget")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--n_head", type=int, default=4)
@@ -501,7 +514,7 @@ def parse_args(argv):
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--beta2", type=float, default=0.99)
-    p.add_argument("--warmup_frac", type=float, default=0.05, help="warm-up steps, as a fraction of --steps")
+    p.add_argument("--warmup_frac", type=float, default=0.05, help="warm-up steps, as a fraction of --budget_steps")
     p.add_argument("--cooldown_frac", type=float, default=0.2, help="of the run's own budget")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out_dir", default="out/siglip", help="results <dataset>.csv/.json/.png and ckpt/")
@@ -510,13 +523,16 @@ def parse_args(argv):
 def setup(args):
     """Everything that can reject the input, before any training: flags, variants, data, the output folder."""
     checks = [("seeds", re.fullmatch(r"[0-9]+(,[0-9]+)*", args.seeds), "comma-separated integers, e.g. 0,1,2"),
-              ("steps", args.steps >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
+              ("budget_steps", args.budget_steps >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
               ("patch", args.patch >= 1 and IMAGE_SIZE % args.patch == 0, f"a divisor of the image size {IMAGE_SIZE}"),
               ("learning_rate", args.learning_rate > 0, "> 0"), ("weight_decay", args.weight_decay >= 0, ">= 0"),
               ("beta1", 0 <= args.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= args.beta2 < 1, "in [0, 1)"),
               ("warmup_frac", 0 < args.warmup_frac < 1, "in (0, 1)"),
               ("cooldown_frac", 0 < args.cooldown_frac < 1, "in (0, 1)"),
-              ("tasks", set(args.tasks.split(",")) <= {"siglip", "control"}, "siglip, control or both")]
+              ("tasks", set(args.tasks.split(",")) <= {"siglip", "control"}, "siglip, control or siglip,control"),
+              ("tasks", len(set(args.tasks.split(","))) == len(args.tasks.split(",")), "without repeats"),
+              ("tasks", "control" not in args.tasks or args.recurse != "text",
+               "siglip alone with --recurse text (its vision-only control would be AB in every variant)")]
     for name, ok, rule in checks:
         if not ok:
             raise SystemExit(f"error: --{name} must be {rule}, got {getattr(args, name)!r}")
@@ -540,8 +556,15 @@ def setup(args):
         os.makedirs(os.path.join(args.out_dir, "ckpt"), exist_ok=True)
     except OSError as e:
         raise SystemExit(f"error: --out_dir {args.out_dir}: {e.strerror}: choose another folder")
-    data = load_dataset(args.dataset, args.data_dir)
-    return variants, seeds, args.tasks.split(","), data, tokenize_captions(data["descriptions"])
+    data, tasks = load_dataset(args.dataset, args.data_dir), args.tasks.split(",")
+    tokens = tokenize_captions(data["descriptions"])
+    for task in tasks:  # every run's warm-up and cool-down must fit its own steps, as in train.py
+        for name, variant in variants.items():
+            steps = planned_steps(task, variant, args, data, tokens)
+            if warmup_steps(args) / steps + args.cooldown_frac > 1:
+                raise SystemExit(f"error: {task} {name}: {warmup_steps(args)} warm-up steps and a "
+                                 f"{args.cooldown_frac:.0%} cool-down do not fit its {steps} steps: lower them")
+    return variants, seeds, tasks, data, tokens
 
 def main(argv=None):
     args = parse_args(argv)
@@ -549,9 +572,7 @@ def main(argv=None):
     n_classes = len(data["descriptions"])
     rows, curves, out = [], [], os.path.join(args.out_dir, data["name"])
     for task in tasks:
-        # the budget: what the baseline AB costs in args.steps steps
-        _, towers = build(task, ("A", {}), args, data, tokens)  # "A": n_layer applications for any n_layer
-        budget = args.steps * step_cost([(t.config, n) for t, n in towers])
+        budget = baseline_budget(task, args, data, tokens)
         for seed in seeds:
             for name, variant in variants.items():
                 run_rows, curve = run(task, name, variant, seed, args, data, tokens, budget)

@@ -1135,6 +1135,12 @@ def siglip_bad_inputs(tmp_path):
             (shapes + ["--learning_rate", "-1"], "--learning_rate must be > 0"),
             (shapes + ["--device", "tpu9"], "'tpu9' is not a device"),
             (shapes + ["--seeds", "0,0"], "--seeds repeats a seed"),
+            (shapes + ["--tasks", "siglip,siglip"], "--tasks must be without repeats"),
+            (shapes + ["--tasks", "both"], "--tasks must be siglip, control or siglip,control"),
+            (shapes + ["--recurse", "text"], "--tasks must be siglip alone with --recurse text"),
+            # A3B plans half of AB's 100 steps: 50 warm-up steps and a 20% cool-down do not fit its 50
+            (shapes + ["--budget_steps", "100", "--warmup_frac", "0.5", "--variants", "AB,A3B", "--tasks", "control"],
+             "control A3B: 50 warm-up steps and a 20% cool-down do not fit its 50 steps"),
             (["--dataset", "shapes", "--out_dir", str(tmp_path / "a_file")], "--out_dir")]
 
 def test_siglip_bad_input_is_one_clear_line_before_training(tmp_path, capsys):
@@ -1146,7 +1152,7 @@ def test_siglip_bad_input_is_one_clear_line_before_training(tmp_path, capsys):
         assert "samples" not in capsys.readouterr().err  # stopped before training: no progress bar
 
 def test_siglip_retrains_over_a_damaged_checkpoint(tmp_path, capsys):
-    flags = ["--dataset", "shapes", "--tasks", "control", "--variants", "AB", "--steps", "3", "--n_layer", "2",
+    flags = ["--dataset", "shapes", "--tasks", "control", "--variants", "AB", "--budget_steps", "3", "--n_layer", "2",
              "--n_embd", "16", "--out_dir", str(tmp_path)]
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "shapes_control_AB_seed0.pt").write_bytes(b"PK\x03\x04 truncated")
@@ -1159,8 +1165,8 @@ def test_siglip_retrains_over_a_damaged_checkpoint(tmp_path, capsys):
 def test_siglip_nan_loss_stops_without_writing_results(tmp_path, monkeypatch):
     monkeypatch.setattr(rins, "learning_rate", lambda peak, progress, warmup, cooldown: 1e30)
     with pytest.raises(SystemExit, match="nan/inf at step .*no results were written"):
-        es.main(["--dataset", "shapes", "--tasks", "control", "--variants", "AB", "--steps", "5", "--n_layer", "2",
-                 "--n_embd", "16", "--out_dir", str(tmp_path)])
+        es.main(["--dataset", "shapes", "--tasks", "control", "--variants", "AB", "--budget_steps", "5",
+                 "--n_layer", "2", "--n_embd", "16", "--out_dir", str(tmp_path)])
     assert not list(tmp_path.glob("shapes.*")) and not list((tmp_path / "ckpt").iterdir())
 
 def pattern_images(n, rng):
