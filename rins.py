@@ -587,7 +587,7 @@ def parse_device(name):
 
 # dense bf16 tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name()
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-                   "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+                   "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}  # V100, T4: no bf16 tensor cores
 
 def peak_flops(device):
     """The device's dense bf16 peak, for MFU; None on CPU or for an unknown GPU."""

@@ -62,7 +62,7 @@ def build_parser():
     p.add_argument("--signature", default="AB", help="e.g. AB, A3B, ABAB, (A3B)2 (README: Definitions)")
     p.add_argument("--p_skip", type=float, default=0.0, help="stochastic RINS: skip probability")
     p.add_argument("--adapters", action="store_true", help="a linear adapter after each unit but the last")
-    p.add_argument("--adapter_rank", type=int, default=0, help="0: automatic (under 1%% of the parameters)")
+    p.add_argument("--adapter_rank", type=int, default=0, help="0: automatic (under 1%% of the block stack)")
     p.add_argument("--share_kv", action="store_true", help="later rounds reuse round 1's keys and values")
     # the comparison and its optimisation
     p.add_argument("--variants", help="comma-separated variants, e.g. 'AB,A3B,A3B:p_skip=0.5:adapters=1'")
