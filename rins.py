@@ -282,10 +282,10 @@ class Block(nn.Module):
         return x, kv
 
 class Adapter(nn.Module):
-    """x -> x + W x after a unit of the schedule (a round of the recursive block). The paper adds linear
-    adapters under 1% of the parameters; [our choice] one per unit but the last, zero-initialised W (an untrained adapter
-    is the identity), no bias. Full rank W (d x d) when all adapters fit the 1% budget, else
-    W = U V with U zero and V random, so the map starts at zero but U still receives gradients.
+    """x -> x + W x after a unit of the schedule (a round of the recursive block). The paper adds
+    linear adapters under 1% of the parameters; [our choice] one per unit but the last,
+    zero-initialised W (an untrained adapter is the identity), no bias. Full rank W (d x d) when all
+    adapters fit the 1% budget, else W = U V with U zero and V random, so the map starts at zero but U still receives gradients.
     """
 
     def __init__(self, n_embd, rank):
@@ -445,14 +445,11 @@ class GPT(nn.Module):
         self.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
         init_gpt2(self, config.n_layer)
 
-    def get_num_params(self, non_embedding=True):
-        """Parameters of the model without the adapters; the same for every signature.
-
-        non_embedding: leave out the position embeddings, as nanoGPT (the token embeddings are
-        tied to the LM head and so are counted).
-        """
-        n = sum(p.numel() for p in self.parameters()) - self.num_adapter_params()
-        return n - self.wpe.weight.numel() if non_embedding else n
+    def get_num_params(self):
+        """Parameters of the model without the adapters and, as nanoGPT counts, without the position
+        embeddings (the token embeddings are tied to the LM head and so are counted); the same for
+        every signature."""
+        return sum(p.numel() for p in self.parameters()) - self.num_adapter_params() - self.wpe.weight.numel()
 
     def num_adapter_params(self):
         return sum(p.numel() for p in self.transformer.adapters.parameters())
@@ -629,11 +626,11 @@ def fit_scaling_law(x, y):
     sse, beta, c = fit(eps_inf)
     return dict(beta=beta, c=c, eps_inf=float(eps_inf), rmse=math.sqrt(sse / len(x)))
 
-def law_across_budgets(budgets, n_boot=200, seed=0):
+def law_across_budgets(budgets, n_boot=200):
     """The law fitted across budgets: budgets holds, per budget, the (cost, final loss) of its runs
     (its seeds), each the end of a full LR schedule. Uncertainty: the std over a bootstrap that
     resamples each budget's runs with replacement, so it sees the spread over seeds and only it."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     law = lambda points: fit_scaling_law(*zip(*points))
     fit = law([p for runs in budgets for p in runs])
     boot = [law([runs[i] for runs in budgets for i in rng.integers(len(runs), size=len(runs))]) for _ in range(n_boot)]
