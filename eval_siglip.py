@@ -342,7 +342,7 @@ def train(model, towers, task, data, tokens, budget, args, seed, desc):
     bar = tqdm(total=steps, desc=desc, leave=False, disable=None)  # no bar when not a terminal
     while cost < target:
         idx = torch.randint(len(labels), (args.batch_size,), generator=gen, device=device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with rins.autocast(device):
             if task == "siglip":
                 # a fresh training template for every example at every step
                 template = torch.randint(len(TRAIN_TEMPLATES), (args.batch_size,), generator=gen, device=device)

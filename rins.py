@@ -569,6 +569,10 @@ def adamw(model, weight_decay, learning_rate, betas, device_type):
     fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
+def autocast(device):
+    """bf16 autocast on a GPU; on the CPU plain float32 (bf16 matmuls are slow there). Both scripts use it."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
 def parse_device(name):
     """torch.device(name) for cpu or an available cuda device; ValueError naming the fix otherwise."""
     try:

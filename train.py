@@ -22,7 +22,6 @@ import os
 import re
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -317,7 +316,7 @@ def train(run, run_dir, train_data, val_data, meta, device, ddp, compile):
     # a skipped unit (p_skip) leaves its layers or adapter without gradient on that step
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       find_unused_parameters=cfg.p_skip > 0) if ddp else model
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    ctx = rins.autocast(device)
 
     # the plan: steps from the expected schedule length, the budget rounded to whole planned steps
     B, T, accum = t.batch_size, cfg.block_size, t.grad_accum
@@ -632,9 +631,8 @@ def sample(args):
     encode, decode = codec(meta)
     torch.manual_seed((args.seeds or [0])[0])
     x = torch.tensor([encode(args.start)], dtype=torch.long, device=device)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     for _ in range(args.num_samples):
-        with ctx:
+        with rins.autocast(device):
             y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k, args.rounds)
         print(decode(y[0].tolist()) + "\n" + "-" * 40)
 
@@ -650,7 +648,7 @@ def bench(args):
         ("n_layer", args.n_layer >= 4 and args.n_layer % 4 == 0, "4, 8, ... (for (A3B)2)"),
         ("n_embd", args.n_head >= 1 and args.n_embd % args.n_head == 0, "a multiple of --n_head")])
     os.makedirs(args.out_dir, exist_ok=True)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    ctx = rins.autocast(device)
     torch.set_float32_matmul_precision("high")
     B, T, cuda = args.batch_size, args.block_size, device.type == "cuda"
     x, y = (torch.randint(0, args.bench_vocab, (B, T), device=device) for _ in range(2))
