@@ -475,7 +475,7 @@ def result_rows(records, baseline):
                 trained=e["rounds"] == r["trained_rounds"], eval_applications=e["eval_applications"],
                 steps=r["steps"], tokens=r["tokens"], epochs=r["epochs"],
                 tokens_per_param=r["tokens_per_param"], cost=r["cost"], val_loss=e["val_loss"],
-                above_floor=r["floor"] and e["val_loss"] - r["floor"],
+                above_floor=None if r["floor"] is None else e["val_loss"] - r["floor"],
                 effective_compute=ratio, effective_compute_bound=bound, wall_s=r["wall_s"], mfu=r["mfu"],
                 n_params=r["n_params"]))
     return rows
@@ -555,7 +555,7 @@ def report(args):
     # the baseline stays at every budget: the effective-compute ratios read its whole curve
     records = [r for r in records if r["run"]["variant"] == args.baseline
                or (r["run"]["variant"] in variants and r["run"]["train"]["budget_steps"] in budgets)]
-    keep = variants + [args.baseline] * (args.baseline not in variants)
+    keep = variants if args.baseline in variants else variants + [args.baseline]
     records.sort(key=lambda r: (keep.index(r["run"]["variant"]), r["run"]["train"]["budget_steps"],
                                 r["run"]["train"]["seed"]))
     subset = args.variants or args.budget_steps
