@@ -415,6 +415,8 @@ def run(task, name, variant, seed, args, data, tokens, budget):
         if ckpt.get("spec") == spec:
             print(f"reusing {path} (same run; delete it to retrain)")
             return ckpt["rows"], ckpt["loss_curve"]
+        if ckpt:
+            print(f"{path} was trained with other settings: training that run again")
     torch.manual_seed(seed)  # also seeds the towers' stochastic-rounds generators (rins.Transformer)
     model, towers = build(task, variant, args, data, tokens)
     model.to(args.device)
@@ -501,8 +503,10 @@ def parse_args(argv):
     p.add_argument("--variants", default="AB,A3B,A3B:p_skip=0.5",
                    help="comma-separated variants SIG[:key=value...], keys " + ", ".join(rins.MODEL_KEYS))
     p.add_argument("--recurse", default="image", choices=("image", "text", "both"),
-                   help="tower(s) that get the variant's signature; the other runs AB [our choice: image]")
-    p.add_argument("--tasks", default="siglip,control", help="siglip, control (a vision-only classifier) or siglip,control")
+                   help="tower(s) that get the variant's signature; the other runs AB [our choice: image]; "
+                   "text needs --tasks siglip")
+    p.add_argument("--tasks", default="siglip,control",
+                   help="siglip, control (a vision-only classifier) or siglip,control")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--budget_steps", type=int, default=1500, help="steps of the baseline AB: every run's budget")
     p.add_argument("--batch_size", type=int, default=64)

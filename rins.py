@@ -285,8 +285,8 @@ class Adapter(nn.Module):
     """x -> x + W x after a unit of the schedule (a round of the recursive block). The paper adds
     linear adapters under 1% of the parameters; [our choice] one per unit but the last,
     zero-initialised W (an untrained adapter is the identity), no bias. Full rank W (d x d) when all
-    adapters fit the 1% budget, else W = U V with U zero and V random, so the map starts at zero
-    but U still receives gradients.
+    adapters fit in 1% of the block stack, else W = U V with U zero and V random, so the map starts
+    at zero but U still receives gradients.
     """
 
     def __init__(self, n_embd, rank):

@@ -1161,6 +1161,9 @@ def test_siglip_retrains_over_a_damaged_checkpoint(tmp_path, capsys):
     ckpt = torch.load(tmp_path / "ckpt" / "shapes_control_AB_seed0.pt", weights_only=True)
     es.main(flags)
     assert "reusing" in capsys.readouterr().out and ckpt["rows"][0]["steps"] == 3
+    es.main(flags[:7] + ["4"] + flags[8:])  # another budget: the checkpoint is not that run's
+    assert "was trained with other settings" in capsys.readouterr().out
+    assert torch.load(tmp_path / "ckpt" / "shapes_control_AB_seed0.pt", weights_only=True)["rows"][0]["steps"] == 4
 
 def test_siglip_nan_loss_stops_without_writing_results(tmp_path, monkeypatch):
     monkeypatch.setattr(rins, "learning_rate", lambda peak, progress, warmup, cooldown: 1e30)
