@@ -122,14 +122,16 @@ def signature_units(signature, n_layer):
         raise ValueError(f"signature {signature!r}: its schedule has {length:.3g} layer applications over "
                          f"{n_layer} layers, more than {MAX_APPLICATIONS}: use fewer repeats or a lower degree")
 
+    def chunk(layers, letter):  # A: the first k-th of the layers, B: the second, ...
+        size, j = len(layers) // k, ord(letter) - ord("A")
+        return layers[j * size:(j + 1) * size]
+
     def expand(layers, d):
         if d == 0:
             return list(layers)
-        size = len(layers) // k
-        return [i for c in letters for i in expand(layers[(ord(c) - 65) * size:(ord(c) - 64) * size], d - 1)]
+        return [i for c in letters for i in expand(chunk(layers, c), d - 1)]
 
-    size = n_layer // k
-    return [expand(range((ord(c) - 65) * size, (ord(c) - 64) * size), degree - 1) for c in letters]
+    return [expand(chunk(range(n_layer), c), degree - 1) for c in letters]
 
 def layer_schedule(signature, n_layer):
     """Layer indices in execution order, e.g. layer_schedule("A2B", 4) == [0, 1, 0, 1, 2, 3]."""
