@@ -286,11 +286,6 @@ def baseline_budget(task, args, data, tokens):
     _, towers = build(task, ("A", {}), args, data, tokens)  # "A": n_layer applications for any n_layer
     return args.budget_steps * step_cost(towers)
 
-def planned_steps(task, variant, args, data, tokens):
-    """The steps a run plans: the budget over its expected step cost."""
-    _, towers = build(task, variant, args, data, tokens)
-    return rins.steps_for_budget(baseline_budget(task, args, data, tokens), step_cost(towers))
-
 def warmup_steps(args):
     return max(1, round(args.warmup_frac * args.budget_steps))
 
@@ -525,7 +520,8 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 def setup(args):
-    """Everything that can reject the input, before any training: flags, variants, data, the output folder."""
+    """Everything that can reject the input, before any training: flags, variants, data, the output folder,
+    each run's schedule. Returns the variants, seeds, each task's compute budget, the data and captions."""
     checks = [("seeds", re.fullmatch(r"[0-9]+(,[0-9]+)*", args.seeds), "comma-separated integers, e.g. 0,1,2"),
               ("budget_steps", args.budget_steps >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
               ("patch", args.patch >= 1 and IMAGE_SIZE % args.patch == 0, f"a divisor of the image size {IMAGE_SIZE}"),
@@ -562,21 +558,21 @@ def setup(args):
         raise SystemExit(f"error: --out_dir {args.out_dir}: {e.strerror}: choose another folder")
     data, tasks = load_dataset(args.dataset, args.data_dir), args.tasks.split(",")
     tokens = tokenize_captions(data["descriptions"])
+    budgets = {task: baseline_budget(task, args, data, tokens) for task in tasks}
     for task in tasks:  # every run's warm-up and cool-down must fit its own steps, as in train.py
         for name, variant in variants.items():
-            steps = planned_steps(task, variant, args, data, tokens)
+            steps = rins.steps_for_budget(budgets[task], step_cost(build(task, variant, args, data, tokens)[1]))
             if warmup_steps(args) / steps + args.cooldown_frac > 1:
                 raise SystemExit(f"error: {task} {name}: {warmup_steps(args)} warm-up steps and a "
                                  f"{args.cooldown_frac:.0%} cool-down do not fit its {steps} steps: lower them")
-    return variants, seeds, tasks, data, tokens
+    return variants, seeds, budgets, data, tokens
 
 def main(argv=None):
     args = parse_args(argv)
-    variants, seeds, tasks, data, tokens = setup(args)
+    variants, seeds, budgets, data, tokens = setup(args)
     n_classes = len(data["descriptions"])
     rows, curves, out = [], [], os.path.join(args.out_dir, data["name"])
-    for task in tasks:
-        budget = baseline_budget(task, args, data, tokens)
+    for task, budget in budgets.items():
         for seed in seeds:
             for name, variant in variants.items():
                 run_rows, curve = run(task, name, variant, seed, args, data, tokens, budget)
