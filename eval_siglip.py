@@ -8,7 +8,7 @@ and no gain in pure image classification, so every comparison here also trains a
 control: the same image tower as a classifier.
 
 Variants ("AB,A3B,A3B:p_skip=0.5", the syntax of train.py) are compared at the same training compute,
-counted in layer applications x tokens summed over the towers, and scored at 1x (rounds=1, the
+counted in executed FLOPs (or layer applications x tokens) summed over the towers, and scored at 1x (rounds=1, the
 baseline's inference cost) and at full depth. Optimisation as train.py: AdamW (rins.adamw), the rsqrt
 schedule with cool-down (rins.learning_rate), the warm-up the same number of steps for every variant.
 
@@ -275,19 +275,26 @@ def init_weights(model, n_layer):
             nn.init.normal_(p, mean=0.0, std=0.02)
 
 # -----------------------------------------------------------------------------
-# Compute matching, as train.py: a step costs layer applications x tokens, summed over the towers
+# Compute matching, as train.py: a step costs its towers' costs (rins.cost_per_token) x their tokens.
+# [our choice] The FLOPs are the towers' stacks; the patch embedding, the projections and the classifier,
+# the same for every variant, are left out.
 
-def step_cost(towers):
-    """Expected cost of one training step; towers: (tower, tokens per step) pairs, as build gives them."""
-    return sum(rins.expected_applications(tower.config) * tokens for tower, tokens in towers)
+def step_cost(towers, unit, executed=False):
+    """The cost of one training step: expected (for the plan) or, with executed=True, what the last
+    forward ran. towers: (tower, tokens per step) pairs, as build gives them."""
+    def counts(t):
+        return (t.applications, t.adapters_run, t.kv_reuses) if executed else None
+    return sum(rins.cost_per_token(tower.transformer, unit, tower.config.block_size, counts(tower.transformer))
+               * tokens for tower, tokens in towers)
 
 def baseline_budget(task, args, data, tokens):
     """Every run's compute budget: what the baseline AB costs in --budget_steps steps."""
     _, towers = build(task, ("A", {}), args, data, tokens)  # "A": n_layer applications for any n_layer
-    return args.budget_steps * step_cost(towers)
+    return args.budget_steps * step_cost(towers, args.budget_unit)
 
-def warmup_steps(args):
-    return max(1, round(args.warmup_frac * args.budget_steps))
+def plan(towers, budget, args):
+    """(steps, target, warmup_steps) of a run: train.py's rule (rins.plan_budget)."""
+    return rins.plan_budget(budget, step_cost(towers, args.budget_unit), args.budget_steps, args.warmup_frac)
 
 # -----------------------------------------------------------------------------
 # One run: train a SigLIP or a control under a budget, then score it at 1x and full depth
@@ -324,10 +331,8 @@ def train(model, towers, task, data, tokens, budget, args, seed, desc):
     expected cost, the LR schedule laid on them with the baseline's warm-up steps, a stochastic run
     stopped on the cost that executed. A nan/inf loss stops the script before any result is written."""
     device = torch.device(args.device)
-    expected = step_cost(towers)
-    steps = rins.steps_for_budget(budget, expected)
-    target = steps * expected  # the budget rounded to whole planned steps
-    warmup = warmup_steps(args) / steps  # the same warm-up steps for every variant
+    steps, target, warmup_steps = plan(towers, budget, args)
+    warmup = warmup_steps / steps  # the same warm-up steps for every variant
     opt = rins.adamw(model, args.weight_decay, args.learning_rate, (args.beta1, args.beta2), device.type)
     images, labels, phrases = (t.to(device) for t in data["train"])
     train_tokens = tokens.train.to(device)
@@ -346,7 +351,7 @@ def train(model, towers, task, data, tokens, budget, args, seed, desc):
                 loss = F.cross_entropy(model(images[idx]), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        step_cost_now = sum(t.transformer.applications * n for t, n in towers)  # what executed, not the plan
+        step_cost_now = step_cost(towers, args.budget_unit, executed=True)  # what executed, not the plan
         for group in opt.param_groups:  # the LR at the middle of this step
             group["lr"] = rins.learning_rate(args.learning_rate, (cost + step_cost_now / 2) / target, warmup,
                                              args.cooldown_frac)
@@ -390,7 +395,7 @@ def evaluate(model, task, data, tokens, rounds, device, batch=1000):
                     "text_applications": model.text.transformer.applications if task == "siglip" else 0}
     return scores, applications
 
-RUN_SETTINGS = ("recurse", "budget_steps", "batch_size", "n_layer", "n_head", "n_embd", "patch", "learning_rate",
+RUN_SETTINGS = ("recurse", "budget_steps", "budget_unit", "batch_size", "n_layer", "n_head", "n_embd", "patch", "learning_rate",
                 "weight_decay", "beta1", "beta2", "warmup_frac", "cooldown_frac")
 
 def run(task, name, variant, seed, args, data, tokens, budget):
@@ -504,6 +509,8 @@ def parse_args(argv):
                    help="siglip, control (a vision-only classifier) or siglip,control")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--budget_steps", type=int, default=1500, help="steps of the baseline AB: every run's budget")
+    p.add_argument("--budget_unit", default="flops", choices=rins.BUDGET_UNITS,
+                   help="what the budget counts: executed FLOPs, or layer applications x tokens")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--n_head", type=int, default=4)
@@ -561,9 +568,9 @@ def setup(args):
     budgets = {task: baseline_budget(task, args, data, tokens) for task in tasks}
     for task in tasks:  # every run's warm-up and cool-down must fit its own steps, as in train.py
         for name, variant in variants.items():
-            steps = rins.steps_for_budget(budgets[task], step_cost(build(task, variant, args, data, tokens)[1]))
-            if warmup_steps(args) / steps + args.cooldown_frac > 1:
-                raise SystemExit(f"error: {task} {name}: {warmup_steps(args)} warm-up steps and a "
+            steps, _, warmup_steps = plan(build(task, variant, args, data, tokens)[1], budgets[task], args)
+            if warmup_steps / steps + args.cooldown_frac > 1:
+                raise SystemExit(f"error: {task} {name}: {warmup_steps} warm-up steps and a "
                                  f"{args.cooldown_frac:.0%} cool-down do not fit its {steps} steps: lower them")
     return variants, seeds, budgets, data, tokens
 

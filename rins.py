@@ -13,7 +13,7 @@ Where each definition lives (the README's "Definitions" section says the same wi
   stochastic RINS                      -> Transformer.plan
   linear adapters                      -> Adapter, adapter_rank
   KV cache and KV sharing              -> KVCache, Transformer.forward
-  compute accounting                   -> expected_applications, steps_for_budget, GPT.flops_per_token
+  compute accounting and the budget    -> expected_counts, cost_per_token, plan_budget, flops_per_token
   variants "A3B:p_skip=0.5:adapters=1" -> parse_variant
   learning-rate schedule and AdamW     -> learning_rate, adamw (shared by train.py and eval_siglip.py)
 Choices the paper leaves open are marked [our choice]. The model follows nanoGPT's model.py
@@ -391,6 +391,24 @@ class Transformer(nn.Module):
             return [units[0]] + [u for u, k in zip(units[1:-1], keep.tolist()) if k] + [units[-1]]
         return units
 
+    def flops_per_token(self, seq_len, counts=None):
+        """Training FLOPs per token (forward + backward = 3 x forward) of a forward that ran `counts`
+        = (layer applications, adapters run, K/V reuses); default: what the last forward ran.
+
+        Counted at 2 FLOPs per multiply-add: every weight matrix a token passes through, 12 n_embd^2
+        per layer application (QKV 3, output projection 1, MLP 8), less the 2 n_embd^2 of K and V for
+        an application that reuses shared K, V; each adapter's matrices; attention's scores and
+        weighted sum, 4 n_embd seq_len per application [our choice: nanoGPT's and PaLM's count, the
+        whole context, no halving for the causal mask]. Not counted: biases, LayerNorms, GELU,
+        softmax, embeddings (O(n_embd) per token, the same for every layout of a width).
+        """
+        applications, adapters_run, kv_reuses = counts or (self.applications, self.adapters_run, self.kv_reuses)
+        C = self.config.n_embd
+        layer = sum(m.weight.numel() for m in self.h[0].modules() if isinstance(m, nn.Linear))
+        adapter = sum(p.numel() for p in self.adapters[0].parameters()) if len(self.adapters) else 0
+        matmul = layer * applications - 2 * C * C * kv_reuses + adapter * adapters_run
+        return 6 * matmul + 12 * C * seq_len * applications
+
     def new_cache(self, rounds=None):
         """An empty KV cache for generation with this many rounds (the model must be in eval mode)."""
         n_slots = self.config.n_layer if self.config.share_kv else sum(len(l) for l, _ in self.plan(rounds))
@@ -514,40 +532,67 @@ class GPT(nn.Module):
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
-    def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward) of the last forward, counted on what ran.
-
-        nanoGPT's 6N + 12LCT with L = executed layer applications, not n_layer; an application
-        that reuses shared K, V skips the 2 C^2 key/value projection.
-        """
-        C, t = self.config.n_embd, self.transformer
-        per_layer = sum(p.numel() for p in t.h[0].parameters())
-        per_adapter = self.num_adapter_params() // max(1, len(t.adapters))
-        matmul_params = (per_layer * t.applications - 2 * C * C * t.kv_reuses
-                         + per_adapter * t.adapters_run + self.lm_head.weight.numel())
-        return 6 * matmul_params + 12 * C * seq_len * t.applications
+    def flops_per_token(self, seq_len, counts=None):
+        """Training FLOPs per token of a forward that ran `counts` (default: the last forward's):
+        the blocks and adapters (Transformer.flops_per_token) and the LM head, 2 x vocab_size x n_embd
+        per token forward, 3x that with the backward."""
+        return self.transformer.flops_per_token(seq_len, counts) + 6 * self.lm_head.weight.numel()
 
 # -----------------------------------------------------------------------------
-# Compute accounting: the training cost is layer applications x tokens (the paper's "layer x step")
+# Compute accounting: every variant of a comparison gets the same training budget
 #
-# The embedding and the LM head are common to all variants. A run whose schedule has length D,
-# at T tokens per step, costs D T per step; under the budget of a baseline of L layers for S steps
-# it gets S L / D steps (A2B 2/3 of the steps, A3B and ABAB 1/2, (A3B)2 1/4), so the recursive
-# models see fewer tokens. A run stops when its *executed* cost reaches the budget.
+# The budget is what the baseline AB costs in budget_steps steps, in one of two units:
+#   "flops" (the default): the FLOPs of what executed, LM head and attention included (flops_per_token)
+#   "applications": layer applications x tokens, the paper's "layer x step" (the studies before the
+#       FLOP unit; it leaves out the LM head, so a recursive model's step looks cheaper relative to AB)
+# A run whose step costs more gets fewer steps (A3B about half of AB's), so recursive models see fewer
+# tokens. A run stops when its *executed* cost reaches the budget (stochastic rounds skip compute).
+
+BUDGET_UNITS = ("flops", "applications")
+
+def expected_counts(config):
+    """(layer applications, adapters run, K/V reuses) expected of one training forward.
+
+    Every unit but the first and the last runs with probability 1 - p_skip, independently
+    (Transformer.plan); an adapter runs with its unit. With share_kv, an application reuses K, V
+    when an earlier application of its layer ran in the same forward. Without p_skip: exact counts.
+    """
+    units = config.units
+    keep = [1.0] + [1.0 - config.p_skip] * (len(units) - 2) + [1.0] if len(units) > 2 else [1.0] * len(units)
+    n_adapters = len(units) - 1 if config.adapters else 0
+    applications = adapters = reuses = 0.0
+    not_yet = {}  # layer -> probability that no unit run so far applied it
+    for i, (layers, p) in enumerate(zip(units, keep)):
+        applications += p * len(layers)
+        adapters += p * (i < n_adapters)
+        if config.share_kv:
+            seen = set()
+            for layer in layers:  # a layer repeated inside a unit (degree 2) reuses its first application
+                reuses += p * (1.0 if layer in seen else 1.0 - not_yet.get(layer, 1.0))
+                seen.add(layer)
+            for layer in seen:
+                not_yet[layer] = not_yet.get(layer, 1.0) * (1.0 - p)
+    return applications, adapters, reuses
 
 def expected_applications(config):
-    """Expected layer applications per training forward: every unit but the first and the last
-    runs with probability 1 - p_skip; without p_skip, the schedule's length."""
-    units = config.units
-    if len(units) <= 2:
-        return float(sum(map(len, units)))
-    middle = sum(len(u) for u in units[1:-1])
-    return len(units[0]) + len(units[-1]) + (1 - config.p_skip) * middle
+    """Expected layer applications per training forward (A3B with p_skip 0.5: 2 + 0.5 * 2 * 2 + 2 at 4 layers)."""
+    return expected_counts(config)[0]
 
-def steps_for_budget(budget, step_cost):
-    """Steps a run plans under a budget, each costing step_cost = expected applications x tokens
-    (summed over towers for SigLIP); [our choice] the budget is rounded to whole steps."""
-    return max(1, round(budget / step_cost))
+def cost_per_token(model, unit, seq_len, counts=None):
+    """A training token's cost in `unit` for a forward that ran `counts` (applications, adapters run,
+    K/V reuses; default: the expected counts, for planning). model: a GPT or a Transformer (a tower)."""
+    counts = counts or expected_counts(model.config)
+    return counts[0] if unit == "applications" else model.flops_per_token(seq_len, counts)
+
+def plan_budget(budget, step_cost, budget_steps, warmup_frac):
+    """(steps, target, warmup_steps) of a run: the one budget rule of both scripts.
+
+    steps: the budget over the run's expected cost per step (step_cost), [our choice] rounded to whole
+    steps; target: the budget so rounded, at which the run stops. warmup_steps: a fraction of the
+    *baseline's* steps, the same for every variant, so a run that takes fewer steps is not given a
+    shorter warm-up (README: measured)."""
+    steps = max(1, round(budget / step_cost))
+    return steps, steps * step_cost, max(1, round(warmup_frac * budget_steps))
 
 # -----------------------------------------------------------------------------
 # Optimisation, shared by train.py and eval_siglip.py

@@ -1,6 +1,6 @@
 """
 Train RINS language models at the same training compute, compare them, and sample from them:
-nanoGPT's train.py with the budget counted in executed layer applications x tokens.
+nanoGPT's train.py with the budget counted in executed FLOPs (or layer applications x tokens).
 
     python train.py --compare                              # CPU default: AB, A3B, ABAB, ~10 minutes
     python train.py --variants "AB,A3B,A3B:p_skip=0.5:adapters=1" --budget_steps 1500,3000 --seeds 0,1
@@ -66,6 +66,8 @@ def build_parser():
     # the comparison and its optimisation
     p.add_argument("--variants", help="comma-separated variants, e.g. 'AB,A3B,A3B:p_skip=0.5:adapters=1'")
     p.add_argument("--budget_steps", help="in steps of the baseline AB (default 1200)")
+    p.add_argument("--budget_unit", default="flops", choices=rins.BUDGET_UNITS,
+                   help="what the budget counts: executed FLOPs, or layer applications x tokens (older studies)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; a seed makes a CPU run reproducible")
     p.add_argument("--batch_size", type=int, default=32, help="sequences per micro-batch per process")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step")
@@ -138,7 +140,7 @@ class TrainConfig:
     data_fingerprint: str  # of meta.json: a dataset prepared again from other text is another run
     seed: int
     budget_steps: int      # the budget in steps of the baseline AB at the flags' batch ...
-    budget: int            # ... and in layer applications x tokens, the same for every variant
+    budget: int            # ... and in budget_unit, the same for every variant
     batch_size: int        # sequences per micro-batch per process
     grad_accum: int
     world_size: int
@@ -153,6 +155,7 @@ class TrainConfig:
     eval_points: int
     eval_iters: int
     log_interval: int
+    budget_unit: str = "applications"  # a run.json without it was made before FLOPs became the unit
 
 @dataclass
 class Run:
@@ -160,6 +163,10 @@ class Run:
     variant: str  # canonical: "A3B:p_skip=0.5:learning_rate=0.0025" (make_run)
     model: GPTConfig
     train: TrainConfig
+
+def read_run(saved):
+    """The Run of a run.json or checkpoint: a field an older version did not write takes its default."""
+    return Run(saved["name"], saved["variant"], GPTConfig(**saved["model"]), TrainConfig(**saved["train"]))
 
 def compare(args):
     """The main job: train every variant x budget x seed (or reuse finished runs), then the table."""
@@ -209,7 +216,7 @@ def plan_runs(args, meta, n_train, n_val, world_size):
         path = next((p for p in (f"{run_dir}/run.json", f"{run_dir}/ckpt.pt") if os.path.exists(p)), None)
         if path:
             require(args.resume, f"{path} exists: pass --resume to continue it, or use another --out_dir")
-            saved = (read_json(path) if path.endswith(".json") else read_checkpoint(path))["run"]
+            saved = asdict(read_run((read_json(path) if path.endswith(".json") else read_checkpoint(path))["run"]))
             new = asdict(run)
             diff = [f"{k}: {saved[p].get(k)!r} -> {new[p].get(k)!r}" for p in ("model", "train")
                     for k in {**saved[p], **new[p]} if saved[p].get(k) != new[p].get(k)]
@@ -245,29 +252,42 @@ def make_run(args, spec, budget_steps, seed, meta, world_size):
         raise SystemExit(f"error: variant {spec!r}: {e}")
     require(s["batch_size"] >= 1 and s["learning_rate"] > 0, f"variant {spec!r}: batch_size must be >= 1 and "
             f"learning_rate > 0, got {s['batch_size']} and {s['learning_rate']}")
-    # the budget: the baseline (n_layer applications) for budget_steps steps at the flags' batch
+    # the budget: what the baseline AB costs in budget_steps steps at the flags' batch and context
+    baseline = GPTConfig(block_size=args.block_size, vocab_size=vocab, n_layer=args.n_layer, n_head=args.n_head,
+                         n_embd=args.n_embd)
     base_step_tokens = args.batch_size * args.block_size * args.grad_accum * world_size
+    budget = round(budget_steps * step_cost(baseline, args.budget_unit, base_step_tokens))
+    step_tokens = s["batch_size"] * s["block_size"] * args.grad_accum * world_size
+    steps, _, warmup_steps = rins.plan_budget(budget, step_cost(model, args.budget_unit, step_tokens), budget_steps,
+                                              args.warmup_frac)
     train = TrainConfig(
         dataset=args.dataset, data_fingerprint=meta["fingerprint"], seed=seed, budget_steps=budget_steps,
-        budget=budget_steps * args.n_layer * base_step_tokens, batch_size=s["batch_size"], grad_accum=args.grad_accum,
+        budget=budget, budget_unit=args.budget_unit, batch_size=s["batch_size"], grad_accum=args.grad_accum,
         world_size=world_size, learning_rate=s["learning_rate"], log_interval=args.log_interval,
         weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2, grad_clip=args.grad_clip,
-        warmup_frac=args.warmup_frac, warmup_steps=max(1, round(args.warmup_frac * budget_steps)),
+        warmup_frac=args.warmup_frac, warmup_steps=warmup_steps,
         cooldown_frac=args.cooldown_frac, eval_points=args.eval_points, eval_iters=args.eval_iters)
     # the variant's name shows its RINS settings that differ from the plain model's and the other settings
     # that differ from the flags', so a run's folder says what makes it different within a comparison
     plain = {k: getattr(GPTConfig, k) if k in rins.MODEL_KEYS else getattr(args, k) for k in VARIANT_KEYS}
     variant = rins.variant_name(signature, s, plain)
     name = f"{re.sub(r'[^A-Za-z0-9.=-]+', '_', variant).strip('_')}_b{budget_steps}_s{seed}"
-    steps = planned_steps(model, train)
     require(train.warmup_steps / steps + train.cooldown_frac <= 1, f"{name}: {train.warmup_steps} warm-up "
             f"steps and a {train.cooldown_frac:.0%} cool-down do not fit its {steps} steps: lower them")
     return Run(name, variant, model, train)
 
-def planned_steps(model, train):
-    """The steps a run plans: its budget over the expected cost of one step."""
-    tokens_per_step = train.batch_size * model.block_size * train.grad_accum * train.world_size
-    return rins.steps_for_budget(train.budget, rins.expected_applications(model) * tokens_per_step)
+def step_cost(config, unit, tokens_per_step):
+    """The expected cost of one training step in `unit` (rins.cost_per_token), read off the model's shapes:
+    it is built on the meta device, which allocates no memory and computes nothing."""
+    with torch.device("meta"):
+        model = GPT(config)
+    return rins.cost_per_token(model, unit, config.block_size) * tokens_per_step
+
+def plan(run):
+    """(steps, target, warmup_steps) of a run: its budget over the expected cost of one of its steps."""
+    cfg, t = run.model, run.train
+    tokens_per_step = t.batch_size * cfg.block_size * t.grad_accum * t.world_size
+    return rins.plan_budget(t.budget, step_cost(cfg, t.budget_unit, tokens_per_step), t.budget_steps, t.warmup_frac)
 
 def read_checkpoint(path):
     try:
@@ -318,11 +338,10 @@ def train(run, run_dir, train_data, val_data, meta, device, ddp, compile):
                       find_unused_parameters=cfg.p_skip > 0) if ddp else model
     ctx = rins.autocast(device)
 
-    # the plan: steps from the expected schedule length, the budget rounded to whole planned steps
+    # the plan: steps from the expected cost of a step, the budget rounded to whole planned steps
     B, T, accum = t.batch_size, cfg.block_size, t.grad_accum
     tokens_per_step = B * T * accum * world
-    steps = planned_steps(cfg, t)
-    target = steps * rins.expected_applications(cfg) * tokens_per_step
+    steps, target, _ = plan(run)
     warmup = t.warmup_steps / steps  # the warm-up as a fraction of this run's own budget
     if master:
         tqdm.write(f"{run.name}: schedule {rins.layer_schedule(cfg.signature, cfg.n_layer)}, {steps} planned "
@@ -343,9 +362,12 @@ def train(run, run_dir, train_data, val_data, meta, device, ddp, compile):
                     train_model.require_backward_grad_sync = a == accum - 1  # all-reduce once per step
                 with ctx:
                     _, loss = train_model(x, y)
-                # count what executed (stochastic skips included): the same on every rank
-                step_cost += model.transformer.applications * B * T * world
-                step_flops += model.flops_per_token(T) * B * T * world
+                # count what executed (stochastic skips included; the same on every rank): the forward
+                # leaves its counts on the Transformer, and the budget is spent on them, not on the plan
+                tr = model.transformer
+                executed = (tr.applications, tr.adapters_run, tr.kv_reuses)
+                step_cost += rins.cost_per_token(model, t.budget_unit, T, executed) * B * T * world
+                step_flops += model.flops_per_token(T, executed) * B * T * world
                 (loss / accum).backward()
                 loss_sum += loss.detach()
             # the LR at the middle of this step, on the schedule laid over the run's own budget
@@ -436,11 +458,13 @@ def load_checkpoint(path, model, optimizer, data_rng):
     return ckpt["state"]
 
 def finish(run, model, progress, steps, target, val_data, n_train, meta, ctx, device, world):
-    """Evaluate the trained run at rounds 1 (the baseline's cost, "1x"), r (as trained) and r + 1
-    (extrapolation), or as trained (rounds None) without a recursive block; return its record."""
+    """Evaluate the trained run at every rounds from 1 (the baseline's cost, "1x") through r (as trained)
+    to r + 1 (extrapolation), or as trained (rounds None) without a recursive block; return its record.
+    Every depth, because a stochastic model trains on all of them (p_skip 0.8 runs A3B as A2B in 32%
+    of its steps) and the shape of loss against rounds is what "more rounds at inference" is about."""
     r = run.model.recursive[1] if run.model.recursive else None
     evals = []
-    for rounds in [1, r, r + 1] if r else [None]:
+    for rounds in range(1, r + 2) if r else [None]:
         loss, apps = evaluate(model, val_data, run.model.block_size, run.train.batch_size,
                               run.train.eval_iters, ctx, rounds)
         evals.append(dict(rounds=rounds, eval_applications=apps, val_loss=loss))
@@ -448,6 +472,7 @@ def finish(run, model, progress, steps, target, val_data, n_train, meta, ctx, de
     return dict(run=asdict(run), trained_rounds=r, steps=progress["step"], planned_steps=steps,
                 tokens=progress["tokens"], epochs=progress["tokens"] / n_train,
                 tokens_per_param=progress["tokens"] / n_params, cost=progress["cost"], target=target,
+                flops=progress["flops"],
                 wall_s=seconds, tokens_per_s=progress["tokens"] / seconds,
                 mfu=progress["flops"] / seconds / (peak * world) if peak else None, n_params=n_params,
                 n_adapter_params=model.num_adapter_params(), floor=meta.get("entropy_per_token"), evals=evals,
@@ -459,16 +484,40 @@ def finish(run, model, progress, steps, target, val_data, n_train, meta, ctx, de
 def trained_loss(record):
     return next(e["val_loss"] for e in record["evals"] if e["rounds"] == record["trained_rounds"])
 
+def executed_flops(record):
+    """The training FLOPs a run executed. Recorded since FLOPs became the unit; for an older run (budget
+    in layer applications x tokens) recovered exactly from its applications (its cost) and tokens: the
+    counts are linear in how often each unit ran, and only middle units, all of one length in every
+    layout we ran with p_skip, may be skipped."""
+    if "flops" in record:
+        return record["flops"]
+    config, tokens = GPTConfig(**record["run"]["model"]), record["tokens"]
+    with torch.device("meta"):
+        model = GPT(config)
+    counts, units = rins.expected_counts(config), config.units  # exact without p_skip
+    if config.p_skip > 0 and len(units) > 2:
+        require(len({len(u) for u in units[1:-1]}) == 1 and not config.share_kv,
+                f"{record['run']['name']}: its FLOPs cannot be recovered from its applications")
+        middle_run = (record["cost"] / tokens - len(units[0]) - len(units[-1])) / len(units[1])
+        counts = (record["cost"] / tokens, (1 + middle_run) * config.adapters, 0)
+    return tokens * model.flops_per_token(config.block_size, counts)
+
 def result_rows(records, baseline):
     """One row per run x eval depth (results.csv), with the effective-compute ratio against the
-    baseline variant's final losses (mean over seeds) where it was run at two budgets or more."""
-    base = [(r["target"], trained_loss(r)) for r in records if r["run"]["variant"] == baseline]
-    curve = base if len({budget for budget, _ in base}) >= 2 else None
+    baseline variant's final losses (mean over seeds) where it was run at two budgets or more: in the
+    runs' budget unit, and in executed FLOPs (the two differ for runs budgeted in applications)."""
+    base = [r for r in records if r["run"]["variant"] == baseline]
+    two_budgets = len({r["target"] for r in base}) >= 2
+    curve = [(r["target"], trained_loss(r)) for r in base] if two_budgets else None
+    flops_curve = [(executed_flops(r), trained_loss(r)) for r in base] if two_budgets else None
     rows = []
     for r in records:
         t = r["run"]["train"]
+        flops = executed_flops(r)
         for e in r["evals"]:
             ratio, bound = rins.effective_compute(e["val_loss"], r["cost"], curve) if curve else (None, "")
+            flops_ratio, flops_bound = (rins.effective_compute(e["val_loss"], flops, flops_curve) if curve
+                                        else (None, ""))
             rows.append(dict(
                 run=r["run"]["name"], variant=r["run"]["variant"], learning_rate=t["learning_rate"],
                 seed=t["seed"], budget_steps=t["budget_steps"], rounds=e["rounds"],
@@ -476,7 +525,9 @@ def result_rows(records, baseline):
                 steps=r["steps"], tokens=r["tokens"], epochs=r["epochs"],
                 tokens_per_param=r["tokens_per_param"], cost=r["cost"], val_loss=e["val_loss"],
                 above_floor=None if r["floor"] is None else e["val_loss"] - r["floor"],
-                effective_compute=ratio, effective_compute_bound=bound, wall_s=r["wall_s"], mfu=r["mfu"],
+                effective_compute=ratio, effective_compute_bound=bound, flops=flops,
+                effective_compute_flops=flops_ratio, effective_compute_flops_bound=flops_bound,
+                budget_unit=t.get("budget_unit", "applications"), wall_s=r["wall_s"], mfu=r["mfu"],
                 n_params=r["n_params"]))
     return rows
 
