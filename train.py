@@ -13,6 +13,7 @@ README's "Training at the same compute" says how runs are planned.
 
 import argparse
 import csv
+import errno
 import fcntl
 import glob
 import io
@@ -20,6 +21,7 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -107,11 +109,20 @@ def main(argv=None):
     args.variants = variants and [v.strip() for v in variants.split(",")]
     args.budget_steps = int_list(args.budget_steps or ("" if args.report else "1200"), "--budget_steps")
     args.seeds = int_list(args.seeds, "--seeds")
+    # torchrun, kill and job schedulers stop a process with SIGTERM: it ends like Ctrl-C, with the resume hint
+    # below instead of a traceback (the previous handler comes back, for a caller that is not a script)
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         return (sample if args.sample else bench if args.bench else report if args.report else compare)(args)
     except KeyboardInterrupt:  # checkpoints are written atomically, so the last one is whole
         raise SystemExit(f"\ninterrupted: finished runs and the current run's last checkpoint are in "
                          f"{args.out_dir}/; run the same command with --resume to continue")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+def interrupt(signum, frame):
+    """SIGTERM's handler: raise what Ctrl-C raises, so that both stop the same way."""
+    raise KeyboardInterrupt
 
 def int_list(text, flag):
     require(re.fullmatch(r"(-?[0-9]+(,-?[0-9]+)*)?", text.replace(" ", "")),
@@ -230,6 +241,10 @@ def plan_runs(args, meta, n_train, n_val, world_size):
             os.makedirs(os.path.join(args.out_dir, run.name), exist_ok=True)
             LOCKS.append(open(os.path.join(args.out_dir, run.name, "lock"), "w"))
             fcntl.flock(LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # with the lock held this process is the folder's only writer, so a temporary file in it is not a
+            # write in progress: it is what a kill -9 in the middle of write_atomic left behind
+            for tmp in glob.glob(os.path.join(glob.escape(os.path.join(args.out_dir, run.name)), "*.tmp")):
+                os.remove(tmp)
     except BlockingIOError:
         require(False, f"{LOCKS[-1].name} is held by another process: wait for it or use another --out_dir")
     except OSError as e:
@@ -444,7 +459,19 @@ def save_checkpoint(path, run, model, optimizer, progress, data_rng):
         rng["cuda"] = torch.cuda.get_rng_state()
     ckpt = {"run": asdict(run), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "state": progress, "rng": rng}
-    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))  # a kill while writing leaves the last one intact
+    write_atomic(path, lambda tmp: write_checkpoint(tmp, ckpt, path))  # a kill while writing: the last one is whole
+
+def write_checkpoint(tmp, ckpt, path):
+    """torch.save to a file object: given a path, torch writes with its own writer and reports a full disk as
+    an internal error ("enforce fail at inline_container.cc"); through Python's file, as OSError ENOSPC."""
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise SystemExit(f"error: could not write {path} (the disk is full: {e.strerror}): the previous checkpoint, "
+                         f"if any, is intact; free some space and run the same command with --resume")
 
 def load_checkpoint(path, model, optimizer, data_rng):
     ckpt = read_checkpoint(path)
