@@ -56,6 +56,8 @@ STANDING = ("where it stands: as trained, AB led at equal compute in every cell 
 #   write_results   the comparison's table, results.csv and plot, from the records
 
 def build_parser():
+    """nanoGPT's flags (data, model, optimisation) and RINS's (the layout and its options). Every default
+    runs on a laptop's CPU in minutes; a variant in --variants overrides some of them for itself alone."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--compare", action="store_true", help=f"train --variants (default {DEFAULT_VARIANTS})")
@@ -125,6 +127,11 @@ class Grid:
     seeds: list
 
 def main(argv=None):
+    """The command line: --compare (the default: train the variants, then the table), --report, --sample or
+    --bench. Returns what the mode returns (the comparison's records), so tests and notebooks can call it.
+
+    A bad flag, file or setting stops with one line "error: ..." (SystemExit) before any compute; Ctrl-C and
+    SIGTERM stop with one line that says how to resume."""
     args = build_parser().parse_args(argv)
     # one run from the flags, or the listed variants; --report keeps every run unless they select some
     variants = args.variants or (DEFAULT_VARIANTS if args.compare else None if args.report else args.signature)
@@ -149,6 +156,7 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 def int_list(text, flag):
+    """"1200,2400" -> [1200, 2400]; a value given twice would train (or report) the same run twice."""
     require(re.fullmatch(r"(-?[0-9]+(,-?[0-9]+)*)?", text.replace(" ", "")),
             f"{flag} takes comma-separated integers, got {text!r}")
     values = [int(x) for x in text.split(",") if x.strip()]
@@ -167,6 +175,12 @@ def check_flags(args, positive, rules):
 
 # -----------------------------------------------------------------------------
 # The comparison: plan and check every run, train each to its budget, write the results
+#
+# The question RINS asks is whether a recursive layout beats the plain model *at the same training
+# compute*. So every variant of a comparison gets the same budget, what the baseline AB costs in
+# --budget_steps steps, and spends it its own way: A3B's step runs 8 layer applications to AB's 4, so it
+# takes about half the steps and sees half the tokens. Everything else (data, seed, batch, optimiser, the
+# warm-up steps, the evaluation batches) stays the same, so that the layout is the only difference.
 
 @dataclass
 class TrainConfig:
@@ -177,19 +191,19 @@ class TrainConfig:
     budget_steps: int      # the budget in steps of the baseline AB at the flags' batch ...
     budget: int            # ... and in budget_unit, the same for every variant
     batch_size: int        # sequences per micro-batch per process
-    grad_accum: int
-    world_size: int
-    learning_rate: float
-    weight_decay: float
+    grad_accum: int        # micro-batches per step: a step sees batch_size x grad_accum x world_size sequences
+    world_size: int        # processes (torchrun): each takes its slice of one global batch
+    learning_rate: float   # the peak of the schedule (rins.learning_rate)
+    weight_decay: float    # AdamW's, on weight matrices only (rins.adamw)
     beta1: float
     beta2: float
-    grad_clip: float
+    grad_clip: float       # the largest gradient norm; 0: no clipping
     warmup_frac: float     # of budget_steps: the rule that makes warmup_steps ...
     warmup_steps: int      # ... the same for every variant of a comparison
     cooldown_frac: float   # of the run's own budget
-    eval_points: int
-    eval_iters: int
-    log_interval: int
+    eval_points: int       # evaluations (and checkpoints) per run, at even fractions of its budget
+    eval_iters: int        # validation batches per evaluation
+    log_interval: int      # steps between logged train losses
     budget_unit: str = "applications"  # a run.json without it was made before FLOPs became the unit
 
 @dataclass
@@ -201,6 +215,8 @@ class Run:
     model: GPTConfig
     train: TrainConfig
 
+# A Run is written as plain data (asdict: dicts, strings, numbers), so that run.json is readable by anyone and
+# ckpt.pt loads with torch.load(weights_only=True), which refuses arbitrary Python objects
 def read_run(saved):
     """The Run of a run.json or checkpoint: a field an older version did not write takes its default."""
     return Run(saved["name"], saved["variant"], GPTConfig(**saved["model"]), TrainConfig(**saved["train"]))
@@ -221,10 +237,13 @@ class Setup:
 def compare(args, grid):
     """The main job: train every variant x budget x seed (or reuse finished runs), then the table."""
     device = check_device(args.device)
+    # the token files are memory-mapped: a dataset larger than memory is read batch by batch
     train_data, val_data, meta = load_prepared(args.data_dir, args.dataset)
     world = int(os.environ.get("WORLD_SIZE", 1))
     # every run is planned and checked before the first step: a mistake in the last one stops it all
     runs = plan_runs(args, grid, meta, len(train_data), len(val_data), world)
+    # torchrun starts one process per device and tells each its rank; they meet in one process group, whose
+    # all-reduce averages the gradients (NCCL between GPUs, gloo between CPU processes)
     ddp = "RANK" in os.environ  # launched by torchrun
     if ddp:
         if device.type == "cuda":
@@ -233,6 +252,8 @@ def compare(args, grid):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.set_float32_matmul_precision("high")  # on GPUs, TF32 for what autocast leaves in float32
     setup = Setup(train_data, val_data, meta, device, ddp, dist.get_rank() if ddp else 0, world, args.compile)
+    # one run after the other, each to the end of its budget: a run's record is written when it is finished,
+    # so a folder's run.json files are exactly its finished runs
     records = []
     for run in runs:
         path = os.path.join(args.out_dir, run.name, "run.json")
@@ -252,6 +273,7 @@ def compare(args, grid):
 def plan_runs(args, grid, meta, n_train, n_val, world_size):
     """One Run per budget x seed x variant, every flag, setting and file checked before any compute; then
     this process holds the lock of each run's folder."""
+    # the flags every run shares; a variant's own settings are checked by make_run and GPTConfig
     check_flags(args, ("batch_size", "grad_accum", "eval_points", "eval_iters", "log_interval"), [
         ("budget_steps", min(grid.budget_steps, default=0) >= 1, ">= 1"),
         ("seeds", min(grid.seeds, default=-1) >= 0, ">= 0"), ("warmup_frac", 0 < args.warmup_frac < 1, "in (0, 1)"),
@@ -260,6 +282,7 @@ def plan_runs(args, grid, meta, n_train, n_val, world_size):
         ("beta2", 0 <= args.beta2 < 1, "in [0, 1)")])
     runs = [make_run(args, spec, budget_steps, seed, meta, world_size)
             for budget_steps in grid.budget_steps for seed in grid.seeds for spec in grid.variants]
+    # a run's folder is its name: "A3B" and "A3B:p_skip=0" are the same run, and would share one folder
     names = [run.name for run in runs]
     require(len(set(names)) == len(names), f"two variants make the same run: {names}")
     for run in runs:
@@ -277,6 +300,7 @@ def check_earlier_run(run, run_dir, resume):
         return
     require(resume, f"{path} exists: pass --resume to continue it, or use another --out_dir")
     saved = read_run(read_json(path)["run"] if path.endswith(".json") else read_checkpoint(path)["run"])
+    # every setting that changed, "name: old -> new", so the user sees which flag to give back
     diff = [f"{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
             for old, new in ((saved.model, run.model), (saved.train, run.train))
             for f in fields(old) if getattr(old, f.name) != getattr(new, f.name)]
@@ -307,6 +331,8 @@ def lock_runs(runs, out_dir):
 
 def make_run(args, spec, budget_steps, seed, meta, world_size):
     """A variant's settings over the flags' values; a bad signature or setting stops here."""
+    # "A3B:p_skip=0.5:learning_rate=0.0025": the overrides replace the flags' values for this run only. The
+    # width and depth stay the flags', the same for every variant: RINS compares layouts of the same layers
     try:
         signature, overrides = rins.parse_variant(spec, VARIANT_KEYS)
         s = {**{k: getattr(args, k) for k in VARIANT_KEYS}, **overrides}
@@ -318,6 +344,7 @@ def make_run(args, spec, budget_steps, seed, meta, world_size):
         raise SystemExit(f"error: variant {spec!r}: {e}")
     require(s["batch_size"] >= 1 and s["learning_rate"] > 0, f"variant {spec!r}: batch_size must be >= 1 and "
             f"learning_rate > 0, got {s['batch_size']} and {s['learning_rate']}")
+    # the budget is the baseline's, whatever this variant overrides: that is what makes the comparison fair
     budget = baseline_budget(args, vocab_size(meta), budget_steps, world_size)
     train = TrainConfig(
         dataset=args.dataset, data_fingerprint=meta["fingerprint"], seed=seed, budget_steps=budget_steps,
@@ -331,6 +358,8 @@ def make_run(args, spec, budget_steps, seed, meta, world_size):
     plain = {k: getattr(GPTConfig, k) if k in rins.MODEL_KEYS else getattr(args, k) for k in VARIANT_KEYS}
     variant = rins.variant_name(signature, s, plain)
     name = f"{re.sub(r'[^A-Za-z0-9.=-]+', '_', variant).strip('_')}_b{budget_steps}_s{seed}"
+    # the one budget rule (plan) gives the steps and the warm-up; a run whose warm-up and cool-down overlap
+    # would never reach its peak learning rate, so it is refused here rather than trained
     run = Run(name, variant, model, train)
     steps, _, train.warmup_steps = plan(run)
     require(train.warmup_steps / steps + train.cooldown_frac <= 1, f"{name}: {train.warmup_steps} warm-up "
@@ -368,6 +397,8 @@ def plan(run):
     return rins.plan_budget(t.budget, step_cost(cfg, t.budget_unit, tokens_per_step), t.budget_steps, t.warmup_frac)
 
 def read_checkpoint(path):
+    """A checkpoint's content (run, model, optimizer, state, rng), loaded on the CPU with weights_only=True:
+    torch.load would otherwise run whatever code a file it is given contains."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         assert isinstance(ckpt, dict) and {"run", "model"} <= set(ckpt)
@@ -377,13 +408,17 @@ def read_checkpoint(path):
                          f"point to a run's ckpt.pt, or delete it to train that run again")
 
 def check_device(name):
+    """--device as a torch.device; a device that is not there stops now, not at the first tensor."""
     try:
         return rins.parse_device(name)
     except ValueError as e:
         raise SystemExit(f"error: --device: {e}")
 
 def get_batch(data, ix, block_size, device):
-    """Inputs and next-token targets for the sequences starting at positions ix of a token memmap."""
+    """Inputs and next-token targets for the sequences starting at positions ix of a token memmap.
+
+    The targets are the inputs shifted by one token: every position of every sequence is a prediction
+    (nanoGPT). The memmap's uint16 tokens become int64, the type embeddings and cross-entropy take."""
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
     if device.type == "cuda":  # pinned memory: the copy to the GPU overlaps with compute
@@ -392,6 +427,12 @@ def get_batch(data, ix, block_size, device):
 
 # -----------------------------------------------------------------------------
 # One run, from its first step to its record
+#
+# start builds the model and optimizer (or loads them from the run's checkpoint), the loop in train calls
+# step until the executed cost reaches the run's target, evaluating and checkpointing at eval_points even
+# marks of it, and finish scores the trained model at every depth. Under torchrun every process runs all of
+# this on its slice of each batch; DDP averages the gradients, so the weights stay the same everywhere and
+# the master alone evaluates, checkpoints and writes.
 
 @dataclass
 class Training:
@@ -432,6 +473,7 @@ def train(run, run_dir, setup):
             if eval_now or tr.progress["step"] % t.log_interval == 0:
                 train_loss = log_step(tr.progress, loss, finite, lr, setup.ddp, ckpt_path)
                 pbar.set_postfix(loss=f"{train_loss:.4f}")
+            # the master alone evaluates and saves: DDP keeps every rank's weights the same as its own
             if eval_now and master:
                 if setup.device.type == "cuda":
                     torch.cuda.synchronize(setup.device)  # the GPU's queued steps belong to training time
@@ -449,12 +491,15 @@ def start(run, setup, ckpt_path):
     # (model.transformer.skip_rng), so all ranks run the same units and no rank waits for another
     torch.manual_seed(t.seed)
     model = GPT(cfg).to(setup.device)
+    # the same optimiser for every layout: AdamW with weight decay on matrices only (rins.adamw); its LR is set
+    # at every step by the schedule (step)
     optimizer = rins.adamw(model, t.weight_decay, t.learning_rate, (t.beta1, t.beta2), setup.device.type)
     # the batch starts come from a generator of their own, not from torch's global one: dropout and the
     # initialisation draw from that, and the data must not shift when they do (with --compile, say); as
     # its state is checkpointed, a resumed run reads exactly the batches it would have read
     data_rng = torch.Generator().manual_seed(t.seed)
     steps, target, _ = plan(run)
+    # the plan is computed again from the run, not stored: the same Run always gives the same plan
     tr = Training(model, model, optimizer, data_rng, dict(step=0, cost=0, tokens=0, flops=0, train_time=0.0,
                                                         train_log=[], curve=[]), steps, target)
     if os.path.exists(ckpt_path):  # plan_runs has checked that --resume is set and the run is the same
@@ -496,6 +541,7 @@ def step(run, setup, tr):
                   tr.model.transformer.kv_reuses)
         cost += rins.cost_per_token(tr.model, t.budget_unit, T, counts) * B * T * setup.world
         flops += tr.model.flops_per_token(T, counts) * B * T * setup.world  # for MFU, in either unit
+        # gradients add up over micro-batches: each loss divided by accum makes the sum the mean over the step
         (loss / accum).backward()
         loss_sum += loss.detach()
     # the LR of the schedule laid over the run's own budget, taken at the middle of this step: the cost of
@@ -506,6 +552,8 @@ def step(run, setup, tr):
                             t.warmup_steps / tr.steps, t.cooldown_frac)
     for group in tr.optimizer.param_groups:
         group["lr"] = lr
+    # clip the norm of all gradients together (nanoGPT); with grad_clip 0 the norm is still measured, as the
+    # nan/inf check reads it
     norm = torch.nn.utils.clip_grad_norm_(tr.model.parameters(), t.grad_clip or math.inf)
     tr.optimizer.step()
     tr.optimizer.zero_grad(set_to_none=True)
@@ -515,7 +563,10 @@ def step(run, setup, tr):
     return loss_sum / accum, lr, torch.isfinite(norm) & torch.isfinite(loss_sum)
 
 def log_step(progress, loss, finite, lr, ddp, ckpt_path):
-    """Record the train loss (averaged over ranks); stop cleanly if any loss or gradient was not finite."""
+    """Record the train loss (averaged over ranks); stop cleanly if any loss or gradient was not finite.
+
+    Reading a value from the GPU waits for every step queued before it, so this runs only every
+    log_interval steps; every rank calls it at the same steps, as its all-reduce needs all of them."""
     stats = torch.stack([loss.float(), (~finite).float()])
     if ddp:
         dist.all_reduce(stats)
@@ -538,6 +589,7 @@ def evaluate_and_save(run, setup, tr, train_loss, ckpt_path):
     save_checkpoint(ckpt_path, run, tr)
 
 def stop_not_finite(step, ckpt_path):
+    """Stop before a broken model is saved: the checkpoint on disk is the last one with finite weights."""
     saved = f"the last good checkpoint {ckpt_path} is intact" if os.path.exists(ckpt_path) else "none saved"
     raise SystemExit(f"error: the loss became nan/inf by step {step}; {saved}; try a lower --learning_rate")
 
@@ -545,6 +597,7 @@ def stop_not_finite(step, ckpt_path):
 def evaluate(model, data, block_size, batch_size, eval_iters, ctx, rounds=None):
     """(mean val loss, layer applications per forward) over fixed batches: the same text at every
     evaluation of every run with this batch shape, so curves and variants compare like for like."""
+    # eval mode: no dropout, and every round runs (no stochastic skips), so a loss measures the model itself
     model.eval()
     rng, device, losses = torch.Generator().manual_seed(EVAL_SEED), next(model.parameters()).device, []
     for _ in range(eval_iters):
@@ -557,7 +610,12 @@ def evaluate(model, data, block_size, batch_size, eval_iters, ctx, rounds=None):
     return torch.stack(losses).mean().item(), model.transformer.applications
 
 def save_checkpoint(path, run, tr):
-    """Everything a resumed run needs to continue exactly: weights, optimizer, progress, RNG states."""
+    """Everything a resumed run needs to continue exactly: weights, optimizer, progress, RNG states.
+
+    Written at every evaluation, so a stop loses at most a 1/eval_points of the run; the optimizer's state
+    (Adam's moment estimates) is saved too, as a resumed run restarted without it would train differently."""
+    # every source of randomness, so that a resumed run draws what the uninterrupted one would have drawn:
+    # torch's global generator (dropout), the batch starts (data_rng) and the stochastic skips (skip_rng)
     rng = dict(torch=torch.get_rng_state(), data=tr.data_rng.get_state(),
                skip=tr.model.transformer.skip_rng.get_state())
     if torch.cuda.is_available():
@@ -579,7 +637,8 @@ def write_checkpoint(tmp, ckpt, path):
                          f"if any, is intact; free some space and run the same command with --resume")
 
 def load_checkpoint(path, tr):
-    """The run as save_checkpoint left it, into the freshly built tr."""
+    """The run as save_checkpoint left it, into the freshly built tr: weights, optimizer, progress and every
+    generator's state. On the CPU the resumed run is then bit for bit the uninterrupted one (test_rins.py)."""
     ckpt = read_checkpoint(path)
     tr.model.load_state_dict(ckpt["model"])
     tr.optimizer.load_state_dict(ckpt["optimizer"])
@@ -597,10 +656,13 @@ def finish(run, tr, setup):
     of its steps) and the shape of loss against rounds is what "more rounds at inference" is about."""
     r = run.model.recursive[1] if run.model.recursive else None
     evals = []
-    for rounds in range(1, r + 2) if r else [None]:
+    for rounds in range(1, r + 2) if r else [None]:  # 1 .. r + 1
         loss, apps = evaluate(tr.model, setup.val_data, run.model.block_size, run.train.batch_size,
                               run.train.eval_iters, rins.autocast(setup.device), rounds)
         evals.append(dict(rounds=rounds, eval_applications=apps, val_loss=loss))
+    # the record: what ran (steps, tokens, executed cost and FLOPs) beside what was planned; tokens per
+    # parameter, the x axis of data scaling; the time spent training (evaluations left out) and the model
+    # FLOPs utilisation on a GPU with a known peak; the dataset's entropy floor where it has one (grammar)
     p, peak, n_params = tr.progress, rins.peak_flops(setup.device), tr.model.get_num_params()
     return dict(run=asdict(run), trained_rounds=r, steps=p["step"], planned_steps=tr.steps,
                 tokens=p["tokens"], epochs=p["tokens"] / len(setup.train_data),
