@@ -282,7 +282,7 @@ def init_weights(model, n_layer):
 def step_cost(towers, unit, executed=False):
     """The cost of one training step: expected (for the plan) or, with executed=True, what the last
     forward ran. towers: (tower, tokens per step) pairs, as build gives them."""
-    def counts(t):
+    def counts(t):  # what t's last forward ran: rins.Transformer.forward leaves its counts on the module
         return (t.applications, t.adapters_run, t.kv_reuses) if executed else None
     return sum(rins.cost_per_token(tower.transformer, unit, tower.config.block_size, counts(tower.transformer))
                * tokens for tower, tokens in towers)
@@ -391,12 +391,14 @@ def evaluate(model, task, data, tokens, rounds, device, batch=1000):
                 preds.append(model(chunk, rounds).argmax(dim=-1).cpu())
         scores[split] = (torch.cat(preds) == labels).float().mean().item()
     image = model if task == "control" else model.image
+    # each tower's last forward (at these rounds, in eval mode: every chunk alike) left its applications on
+    # its Transformer (rins.Transformer.forward)
     applications = {"image_applications": image.transformer.applications,
                     "text_applications": model.text.transformer.applications if task == "siglip" else 0}
     return scores, applications
 
-RUN_SETTINGS = ("recurse", "budget_steps", "budget_unit", "batch_size", "n_layer", "n_head", "n_embd", "patch", "learning_rate",
-                "weight_decay", "beta1", "beta2", "warmup_frac", "cooldown_frac")
+RUN_SETTINGS = ("recurse", "budget_steps", "budget_unit", "batch_size", "n_layer", "n_head", "n_embd", "patch",
+                "learning_rate", "weight_decay", "beta1", "beta2", "warmup_frac", "cooldown_frac")
 
 def run(task, name, variant, seed, args, data, tokens, budget):
     """Train and score one (task, variant, seed): (result rows, training loss per step).
@@ -405,7 +407,8 @@ def run(task, name, variant, seed, args, data, tokens, budget):
     """
     spec = {"dataset": data["name"], "task": task, "variant": name, "seed": seed,
             **{k: getattr(args, k) for k in RUN_SETTINGS}}
-    path = os.path.join(args.out_dir, "ckpt", re.sub(r"[^\w.=-]+", "_", f"{data['name']}_{task}_{name}_seed{seed}") + ".pt")
+    file_name = re.sub(r"[^\w.=-]+", "_", f"{data['name']}_{task}_{name}_seed{seed}") + ".pt"
+    path = os.path.join(args.out_dir, "ckpt", file_name)
     if os.path.exists(path):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -554,7 +557,8 @@ def setup(args):
             config = rins.GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                                     signature=signature, **settings)  # raises ValueError naming the problem
             defaults = {k: getattr(rins.GPTConfig, k) for k in rins.MODEL_KEYS}
-            variants[rins.variant_name(signature, {k: getattr(config, k) for k in defaults}, defaults)] = (signature, settings)
+            name = rins.variant_name(signature, {k: getattr(config, k) for k in defaults}, defaults)
+            variants[name] = (signature, settings)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if len(variants) < len(args.variants.split(",")):

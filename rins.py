@@ -47,17 +47,24 @@ def parse_signature(signature):
     degree, its Figure 1); a bare signature has degree 1. Groups cannot nest and must enclose the
     whole signature. Anything else raises ValueError naming the problem and its 0-based position.
     """
-    if not isinstance(signature, str) or not signature.strip():
-        raise ValueError(f"empty signature {signature!r} at position 0: write blocks as letters, e.g. 'A3B'")
-    s = signature
+    check_signature(signature)  # from here on the signature is well formed
+    grouped = signature.startswith("(")
+    body, _, degree = signature[1:].partition(")") if grouped else (signature, "", "")
+    letters = "".join(letter * int(count or 1) for letter, count in re.findall(r"([A-Z])([0-9]*)", body))
+    return letters, int(degree or 1)
+
+def check_signature(s):
+    """Raise ValueError at the first thing in s that the grammar of parse_signature does not allow, naming
+    it and its 0-based position (read left to right, so the message points where a reader looks first)."""
+    if not isinstance(s, str) or not s.strip():
+        raise ValueError(f"empty signature {s!r} at position 0: write blocks as letters, e.g. 'A3B'")
     grouped = s[0] == "("
     close = s.find(")") if grouped else len(s)
     if close == -1:
         raise ValueError(f"signature {s!r}: '(' at position 0 is never closed")
     if grouped and close == 1:
         raise ValueError(f"signature {s!r}: empty group '()' at position 0")
-    body_start = 1 if grouped else 0
-    letters = ""
+    body_start, length = (1 if grouped else 0), 0
     for m in re.finditer(r"([A-Z])([0-9]*)|(.)", s[body_start:close], re.DOTALL):
         pos = body_start + m.start()
         if m.group(3) is not None:
@@ -66,28 +73,24 @@ def parse_signature(signature):
         count = int(m.group(2) or 1)
         if count == 0:
             raise ValueError(f"signature {s!r}: repeat count 0 at position {pos + 1}: every block runs at least once")
-        if len(letters) + count > MAX_APPLICATIONS:
+        length += count  # checked as it grows: "A99999999999B" stops here, before any expansion
+        if length > MAX_APPLICATIONS:
             raise ValueError(f"signature {s!r}: more than {MAX_APPLICATIONS} blocks by position {pos}: "
                              f"use a smaller repeat count")
-        letters += m.group(1) * count
-    degree = 1
     if grouped:
-        tail = s[close + 1:]
-        digits = re.match(r"[0-9]*", tail).group()
-        if tail[len(digits):]:
-            pos = close + 1 + len(digits)
+        digits = re.match(r"[0-9]*", s[close + 1:]).group()
+        pos = close + 1 + len(digits)
+        if pos < len(s):
             raise ValueError(f"signature {s!r}: unexpected {s[pos]!r} at position {pos}: "
                              f"nothing may follow the degree of '(...)d'")
-        degree = int(digits or 1)
-        if not 1 <= degree <= MAX_DEGREE:
-            raise ValueError(f"signature {s!r}: degree {degree} at position {close + 1}: "
+        if not 1 <= int(digits or 1) <= MAX_DEGREE:
+            raise ValueError(f"signature {s!r}: degree {int(digits)} at position {close + 1}: "
                              f"the degree must be in 1..{MAX_DEGREE}")
-    k = len(set(letters))
+    k = len(set(re.findall(r"[A-Z]", s[body_start:close])))
     for m in re.finditer(r"[A-Z]", s):
         if ord(m.group()) - ord("A") >= k:
             raise ValueError(f"signature {s!r}: letter {m.group()!r} at position {m.start()}: with {k} "
                              f"distinct blocks the letters must be A..{chr(ord('A') + k - 1)}, no gaps")
-    return letters, degree
 
 def unexpected_character(c, grouped):
     """Why a character that is not a letter with its repeat count cannot stand where it stands."""
@@ -355,7 +358,10 @@ class Transformer(nn.Module):
         self.adapters = nn.ModuleList([Adapter(config.n_embd, rank) for _ in range(n_adapters)])
         # stochastic rounds draw from their own generator: identical on every DDP rank, saved in checkpoints
         self.skip_rng = torch.Generator().manual_seed(torch.initial_seed())
-        # what the last forward executed, for cost accounting
+        # what the last forward executed (layer applications, K/V reuses, adapters run), for cost accounting.
+        # [our choice] left on the module by forward rather than returned: GPT.forward keeps nanoGPT's
+        # (logits, loss), and SigLIP's towers call this module directly. Readers (train.step, train.evaluate,
+        # eval_siglip.step_cost and evaluate, flops_per_token's default) read it right after their forward
         self.applications = self.kv_reuses = self.adapters_run = 0
 
     def num_params(self):
@@ -393,7 +399,8 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len, counts=None):
         """Training FLOPs per token (forward + backward = 3 x forward) of a forward that ran `counts`
-        = (layer applications, adapters run, K/V reuses); default: what the last forward ran.
+        = (layer applications, adapters run, K/V reuses); default: what the last forward ran, as it left
+        its counts on this module (the attributes forward sets).
 
         Counted at 2 FLOPs per multiply-add: every weight matrix a token passes through, 12 n_embd^2
         per layer application (QKV 3, output projection 1, MLP 8), less the 2 n_embd^2 of K and V for
@@ -533,7 +540,8 @@ class GPT(nn.Module):
         return idx
 
     def flops_per_token(self, seq_len, counts=None):
-        """Training FLOPs per token of a forward that ran `counts` (default: the last forward's):
+        """Training FLOPs per token of a forward that ran `counts` (default: the last forward's, read off
+        self.transformer, where Transformer.forward leaves them):
         the blocks and adapters (Transformer.flops_per_token) and the LM head, 2 x vocab_size x n_embd
         per token forward, 3x that with the backward."""
         return self.transformer.flops_per_token(seq_len, counts) + 6 * self.lm_head.weight.numel()

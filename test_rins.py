@@ -9,6 +9,7 @@ Run: python -m pytest -q test_rins.py   (the accelerator tests, -k cuda, run whe
 """
 
 import csv
+import errno
 import functools
 import gzip
 import itertools
@@ -711,11 +712,13 @@ def start_and_wait_for_checkpoint(flags, ckpt):
     assert proc.poll() is None, "the run finished before its first checkpoint was seen"
     return proc
 
-def test_ctrl_c_stops_with_one_line_and_resume_finishes(data_dir, tmp_path):
+# torchrun stops its processes with SIGTERM: the same line as Ctrl-C, not a traceback or death by the signal
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_stops_with_one_line_and_resume_finishes(data_dir, tmp_path, sig):
     flags = TINY + ["--data_dir", data_dir, "--budget_steps", "400", "--eval_points", "50", "--out_dir", str(tmp_path)]
     ckpt = tmp_path / "AB_b400_s0" / "ckpt.pt"
     proc = start_and_wait_for_checkpoint(flags, ckpt)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     err = proc.communicate()[1]
     assert proc.returncode == 1 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
@@ -723,6 +726,24 @@ def test_ctrl_c_stops_with_one_line_and_resume_finishes(data_dir, tmp_path):
     assert 0 < torch.load(ckpt, weights_only=True)["state"]["step"] < 400 and not list(tmp_path.rglob("*.tmp"))
     (r,) = train.main(flags + ["--resume"])
     assert r["steps"] == 400
+
+def test_resume_removes_the_temporary_file_a_kill_during_a_write_left(data_dir, tmp_path, monkeypatch):
+    flags = ["--budget_steps", "12", "--eval_points", "4"]  # checkpoints at steps 3, 6, 9 and 12
+    (full,) = run_train(data_dir, tmp_path / "full", *flags)
+    real_write = train.write_atomic
+
+    def write_then_stop(path, data):  # stopped right after its first checkpoint
+        real_write(path, data)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "write_atomic", write_then_stop)
+    with pytest.raises(SystemExit, match="interrupted: "):
+        run_train(data_dir, tmp_path / "out", *flags)
+    monkeypatch.undo()
+    run_dir = tmp_path / "out" / "AB_b12_s0"
+    (run_dir / "ckpt.pt.4242.tmp").write_bytes(b"")  # what kill -9 leaves when it strikes as the next one opens
+    (r,) = run_train(data_dir, tmp_path / "out", *flags, "--resume")
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert r["train_log"] == full["train_log"] and r["curve"] == full["curve"]  # continued from step 3, exactly
 
 def test_two_processes_cannot_train_the_same_run(data_dir, tmp_path):
     flags = TINY + ["--data_dir", data_dir, "--budget_steps", "400", "--eval_points", "50", "--out_dir", str(tmp_path)]
@@ -740,14 +761,15 @@ def test_two_processes_cannot_train_the_same_run(data_dir, tmp_path):
 def test_full_disk_while_checkpointing_leaves_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
     real_save, saves = torch.save, []
 
-    def save(obj, path):  # the second checkpoint finds the disk full after writing part of it
-        saves.append(path)
+    def save(obj, f):  # the second checkpoint finds the disk full after writing part of it
+        saves.append(f)
         if len(saves) == 2:
-            open(path, "wb").write(b"PK\x03\x04 half")
-            raise OSError(28, "No space left on device")
-        real_save(obj, path)
+            f.write(b"PK\x03\x04 half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, f)
     monkeypatch.setattr(torch, "save", save)
-    with pytest.raises(SystemExit, match=r"could not write .*ckpt.pt \(.*No space left on device\): the previous"):
+    with pytest.raises(SystemExit, match=r"could not write .*ckpt.pt \(the disk is full: No space left on device\): "
+                                         r"the previous checkpoint, if any, is intact; free some space"):
         run_train(data_dir, tmp_path, "--budget_steps", "12", "--eval_points", "4")
     ckpt = torch.load(tmp_path / "AB_b12_s0" / "ckpt.pt", weights_only=True)
     assert ckpt["state"]["step"] == 3 and not list(tmp_path.rglob("*.tmp"))

@@ -13,6 +13,7 @@ README's "Training at the same compute" says how runs are planned.
 
 import argparse
 import csv
+import errno
 import fcntl
 import glob
 import io
@@ -20,9 +21,10 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -42,7 +44,20 @@ LOCKS = []  # the open lock files of this process's runs: a lock lives as long a
 STANDING = ("where it stands: as trained, AB led at equal compute in every cell of the README. A3B's effective-compute "
             "ratio: 0.52 at 210, 0.29 at 1002 tokens/param (Shakespeare, 117k, 54k params), 0.66 at 1005 (grammar)")
 
+# How one `--compare` run flows through this file, top to bottom:
+#   main            reads the flags (never changes them) and the grid: variants x budgets x seeds
+#   compare         loads the data once, plans every run, then trains each one (or reuses it) in turn
+#   plan_runs       checks every flag and earlier run before any compute, then locks each run's folder
+#   make_run        turns a variant and a budget into a Run: its model (GPTConfig) and its TrainConfig
+#   plan            the budget rule (rins.plan_budget): a run's steps, the cost it stops at, its warm-up
+#   train           one run: builds it (start), then loops over step(), evaluating and checkpointing
+#   step            one optimisation step: draw, forward, backward, clip, update, count what executed
+#   finish          scores the trained run at every depth and returns its record (run.json)
+#   write_results   the comparison's table, results.csv and plot, from the records
+
 def build_parser():
+    """nanoGPT's flags (data, model, optimisation) and RINS's (the layout and its options). Every default
+    runs on a laptop's CPU in minutes; a variant in --variants overrides some of them for itself alone."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--compare", action="store_true", help=f"train --variants (default {DEFAULT_VARIANTS})")
@@ -63,7 +78,21 @@ def build_parser():
     p.add_argument("--adapters", action="store_true", help="a linear adapter after each unit but the last")
     p.add_argument("--adapter_rank", type=int, default=0, help="0: automatic (under 1%% of the block stack)")
     p.add_argument("--share_kv", action="store_true", help="later rounds reuse round 1's keys and values")
-    # the comparison and its optimisation
+    add_comparison_flags(p)
+    # sampling and the benchmark
+    p.add_argument("--ckpt", help="checkpoint to sample from")
+    p.add_argument("--start", default="\n", help="prompt")
+    p.add_argument("--rounds", type=int, help="rounds of the recursive block (default: as trained)")
+    p.add_argument("--num_samples", type=int, default=2)
+    p.add_argument("--max_new_tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--bench_vocab", type=int, default=65, help="vocabulary of --bench models")
+    p.add_argument("--bench_repeats", type=int, default=10, help="timed rounds per measurement in --bench")
+    return p
+
+def add_comparison_flags(p):
+    """The flags of the comparison: its grid, its optimisation, its evaluations, files and machine."""
     p.add_argument("--variants", help="comma-separated variants, e.g. 'AB,A3B,A3B:p_skip=0.5:adapters=1'")
     p.add_argument("--budget_steps", help="in steps of the baseline AB (default 1200)")
     p.add_argument("--budget_unit", default="flops", choices=rins.BUDGET_UNITS,
@@ -88,32 +117,46 @@ def build_parser():
     p.add_argument("--plot", help="--report: where the plot goes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks")
-    # sampling and the benchmark
-    p.add_argument("--ckpt", help="checkpoint to sample from")
-    p.add_argument("--start", default="\n", help="prompt")
-    p.add_argument("--rounds", type=int, help="rounds of the recursive block (default: as trained)")
-    p.add_argument("--num_samples", type=int, default=2)
-    p.add_argument("--max_new_tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top_k", type=int, default=200)
-    p.add_argument("--bench_vocab", type=int, default=65, help="vocabulary of --bench models")
-    p.add_argument("--bench_repeats", type=int, default=10, help="timed rounds per measurement in --bench")
-    return p
+
+@dataclass
+class Grid:
+    """The comma-separated flags, read once: the runs a comparison trains (variants x budget_steps x seeds),
+    or the runs --report selects. Kept apart from the parsed flags, which keep the text the user typed."""
+    variants: list      # variant specs as written, "A3B:p_skip=0.5"; None: --report keeps every variant
+    budget_steps: list  # in steps of the baseline AB; empty: --report keeps every budget
+    seeds: list
 
 def main(argv=None):
+    """The command line: --compare (the default: train the variants, then the table), --report, --sample or
+    --bench. Returns what the mode returns (the comparison's records), so tests and notebooks can call it.
+
+    A bad flag, file or setting stops with one line "error: ..." (SystemExit) before any compute; Ctrl-C and
+    SIGTERM stop with one line that says how to resume."""
     args = build_parser().parse_args(argv)
     # one run from the flags, or the listed variants; --report keeps every run unless they select some
     variants = args.variants or (DEFAULT_VARIANTS if args.compare else None if args.report else args.signature)
-    args.variants = variants and [v.strip() for v in variants.split(",")]
-    args.budget_steps = int_list(args.budget_steps or ("" if args.report else "1200"), "--budget_steps")
-    args.seeds = int_list(args.seeds, "--seeds")
+    grid = Grid(variants=variants and [v.strip() for v in variants.split(",")],
+                budget_steps=int_list(args.budget_steps or ("" if args.report else "1200"), "--budget_steps"),
+                seeds=int_list(args.seeds, "--seeds"))
+    # torchrun, kill and job schedulers stop a process with SIGTERM: it ends like Ctrl-C, with the resume hint
+    # below instead of a traceback (the previous handler comes back, for a caller that is not a script)
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        return (sample if args.sample else bench if args.bench else report if args.report else compare)(args)
+        if args.bench:
+            return bench(args)
+        return (sample if args.sample else report if args.report else compare)(args, grid)
     except KeyboardInterrupt:  # checkpoints are written atomically, so the last one is whole
         raise SystemExit(f"\ninterrupted: finished runs and the current run's last checkpoint are in "
                          f"{args.out_dir}/; run the same command with --resume to continue")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+def interrupt(signum, frame):
+    """SIGTERM's handler: raise what Ctrl-C raises, so that both stop the same way."""
+    raise KeyboardInterrupt
 
 def int_list(text, flag):
+    """"1200,2400" -> [1200, 2400]; a value given twice would train (or report) the same run twice."""
     require(re.fullmatch(r"(-?[0-9]+(,-?[0-9]+)*)?", text.replace(" ", "")),
             f"{flag} takes comma-separated integers, got {text!r}")
     values = [int(x) for x in text.split(",") if x.strip()]
@@ -132,6 +175,12 @@ def check_flags(args, positive, rules):
 
 # -----------------------------------------------------------------------------
 # The comparison: plan and check every run, train each to its budget, write the results
+#
+# The question RINS asks is whether a recursive layout beats the plain model *at the same training
+# compute*. So every variant of a comparison gets the same budget, what the baseline AB costs in
+# --budget_steps steps, and spends it its own way: A3B's step runs 8 layer applications to AB's 4, so it
+# takes about half the steps and sees half the tokens. Everything else (data, seed, batch, optimiser, the
+# warm-up steps, the evaluation batches) stays the same, so that the layout is the only difference.
 
 @dataclass
 class TrainConfig:
@@ -142,37 +191,59 @@ class TrainConfig:
     budget_steps: int      # the budget in steps of the baseline AB at the flags' batch ...
     budget: int            # ... and in budget_unit, the same for every variant
     batch_size: int        # sequences per micro-batch per process
-    grad_accum: int
-    world_size: int
-    learning_rate: float
-    weight_decay: float
+    grad_accum: int        # micro-batches per step: a step sees batch_size x grad_accum x world_size sequences
+    world_size: int        # processes (torchrun): each takes its slice of one global batch
+    learning_rate: float   # the peak of the schedule (rins.learning_rate)
+    weight_decay: float    # AdamW's, on weight matrices only (rins.adamw)
     beta1: float
     beta2: float
-    grad_clip: float
+    grad_clip: float       # the largest gradient norm; 0: no clipping
     warmup_frac: float     # of budget_steps: the rule that makes warmup_steps ...
     warmup_steps: int      # ... the same for every variant of a comparison
     cooldown_frac: float   # of the run's own budget
-    eval_points: int
-    eval_iters: int
-    log_interval: int
+    eval_points: int       # evaluations (and checkpoints) per run, at even fractions of its budget
+    eval_iters: int        # validation batches per evaluation
+    log_interval: int      # steps between logged train losses
     budget_unit: str = "applications"  # a run.json without it was made before FLOPs became the unit
 
 @dataclass
 class Run:
+    """One run of a comparison: a variant at one budget and one seed. Its folder is out_dir/name; run.json
+    and ckpt.pt save it as asdict(run), and read_run makes the same Run again from what they saved."""
     name: str
     variant: str  # canonical: "A3B:p_skip=0.5:learning_rate=0.0025" (make_run)
     model: GPTConfig
     train: TrainConfig
 
+# A Run is written as plain data (asdict: dicts, strings, numbers), so that run.json is readable by anyone and
+# ckpt.pt loads with torch.load(weights_only=True), which refuses arbitrary Python objects
 def read_run(saved):
     """The Run of a run.json or checkpoint: a field an older version did not write takes its default."""
     return Run(saved["name"], saved["variant"], GPTConfig(**saved["model"]), TrainConfig(**saved["train"]))
 
-def compare(args):
+@dataclass
+class Setup:
+    """What every run of one invocation shares: the data, the device, and this process's place among the
+    processes torchrun started (one process, rank 0 of 1, without it)."""
+    train_data: np.ndarray  # token memmaps (data/prepare.py): read from disk as batches are drawn
+    val_data: np.ndarray
+    meta: dict              # the dataset's meta.json: vocabulary, fingerprint, entropy floor
+    device: torch.device
+    ddp: bool               # launched by torchrun: gradients are averaged over the processes every step
+    rank: int               # 0 is the master: it alone evaluates, checkpoints and writes
+    world: int
+    compile: bool
+
+def compare(args, grid):
     """The main job: train every variant x budget x seed (or reuse finished runs), then the table."""
     device = check_device(args.device)
+    # the token files are memory-mapped: a dataset larger than memory is read batch by batch
     train_data, val_data, meta = load_prepared(args.data_dir, args.dataset)
-    runs = plan_runs(args, meta, len(train_data), len(val_data), int(os.environ.get("WORLD_SIZE", 1)))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    # every run is planned and checked before the first step: a mistake in the last one stops it all
+    runs = plan_runs(args, grid, meta, len(train_data), len(val_data), world)
+    # torchrun starts one process per device and tells each its rank; they meet in one process group, whose
+    # all-reduce averages the gradients (NCCL between GPUs, gloo between CPU processes)
     ddp = "RANK" in os.environ  # launched by torchrun
     if ddp:
         if device.type == "cuda":
@@ -180,71 +251,92 @@ def compare(args):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.set_float32_matmul_precision("high")  # on GPUs, TF32 for what autocast leaves in float32
-    master = not ddp or dist.get_rank() == 0
+    setup = Setup(train_data, val_data, meta, device, ddp, dist.get_rank() if ddp else 0, world, args.compile)
+    # one run after the other, each to the end of its budget: a run's record is written when it is finished,
+    # so a folder's run.json files are exactly its finished runs
     records = []
     for run in runs:
         path = os.path.join(args.out_dir, run.name, "run.json")
-        record = read_json(path)  # a finished run is reused
+        record = read_json(path)  # a finished run is reused: --resume continues a comparison where it stopped
         if record is None:
-            record = train(run, os.path.dirname(path), train_data, val_data, meta, device, ddp, args.compile)
-            if master:
+            record = train(run, os.path.dirname(path), setup)
+            if setup.rank == 0:
                 write_atomic(path, json.dumps(record).encode())
         records.append(record)
-    if master:
+    if setup.rank == 0:
         print_summary(records, write_results(args.out_dir, records, None, args.baseline), args.baseline)
         print(f"{STANDING}\nresults: {args.out_dir}/results.csv, plot: {args.out_dir}/loss_vs_cost.png")
     if ddp:
         dist.destroy_process_group()
     return records
 
-def plan_runs(args, meta, n_train, n_val, world_size):
-    """One Run per budget x seed x variant, every flag, setting and file checked before any compute."""
+def plan_runs(args, grid, meta, n_train, n_val, world_size):
+    """One Run per budget x seed x variant, every flag, setting and file checked before any compute; then
+    this process holds the lock of each run's folder."""
+    # the flags every run shares; a variant's own settings are checked by make_run and GPTConfig
     check_flags(args, ("batch_size", "grad_accum", "eval_points", "eval_iters", "log_interval"), [
-        ("budget_steps", min(args.budget_steps, default=0) >= 1, ">= 1"),
-        ("seeds", min(args.seeds, default=-1) >= 0, ">= 0"), ("warmup_frac", 0 < args.warmup_frac < 1, "in (0, 1)"),
+        ("budget_steps", min(grid.budget_steps, default=0) >= 1, ">= 1"),
+        ("seeds", min(grid.seeds, default=-1) >= 0, ">= 0"), ("warmup_frac", 0 < args.warmup_frac < 1, "in (0, 1)"),
         ("cooldown_frac", 0 < args.cooldown_frac < 1, "in (0, 1)"), ("weight_decay", args.weight_decay >= 0, ">= 0"),
         ("grad_clip", args.grad_clip >= 0, ">= 0 (0: off)"), ("beta1", 0 <= args.beta1 < 1, "in [0, 1)"),
         ("beta2", 0 <= args.beta2 < 1, "in [0, 1)")])
     runs = [make_run(args, spec, budget_steps, seed, meta, world_size)
-            for budget_steps in args.budget_steps for seed in args.seeds for spec in args.variants]
+            for budget_steps in grid.budget_steps for seed in grid.seeds for spec in grid.variants]
+    # a run's folder is its name: "A3B" and "A3B:p_skip=0" are the same run, and would share one folder
     names = [run.name for run in runs]
     require(len(set(names)) == len(names), f"two variants make the same run: {names}")
     for run in runs:
         require(min(n_train, n_val) > run.model.block_size, f"{run.name}: block_size {run.model.block_size} "
                 f"needs more tokens than the data has (train {n_train}, val {n_val})")
-        run_dir = os.path.join(args.out_dir, run.name)
-        path = next((p for p in (f"{run_dir}/run.json", f"{run_dir}/ckpt.pt") if os.path.exists(p)), None)
-        if path:
-            require(args.resume, f"{path} exists: pass --resume to continue it, or use another --out_dir")
-            saved = asdict(read_run((read_json(path) if path.endswith(".json") else read_checkpoint(path))["run"]))
-            new = asdict(run)
-            diff = [f"{k}: {saved[p].get(k)!r} -> {new[p].get(k)!r}" for p in ("model", "train")
-                    for k in {**saved[p], **new[p]} if saved[p].get(k) != new[p].get(k)]
-            require(saved == new, f"{path} was written by a run with another configuration "
-                                  f"({'; '.join(diff)}): resume with its flags or use another --out_dir")
-    # the master holds a lock on each run's folder (the OS releases it even after kill -9): one trainer a run
+        check_earlier_run(run, os.path.join(args.out_dir, run.name), args.resume)
+    lock_runs(runs, args.out_dir)
+    return runs
+
+def check_earlier_run(run, run_dir, resume):
+    """A folder that holds the run already (finished: run.json, or interrupted: ckpt.pt) is continued only
+    with --resume, and only if it was the same run: a resumed run must be the run it claims to be."""
+    path = next((p for p in (f"{run_dir}/run.json", f"{run_dir}/ckpt.pt") if os.path.exists(p)), None)
+    if path is None:
+        return
+    require(resume, f"{path} exists: pass --resume to continue it, or use another --out_dir")
+    saved = read_run(read_json(path)["run"] if path.endswith(".json") else read_checkpoint(path)["run"])
+    # every setting that changed, "name: old -> new", so the user sees which flag to give back
+    diff = [f"{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
+            for old, new in ((saved.model, run.model), (saved.train, run.train))
+            for f in fields(old) if getattr(old, f.name) != getattr(new, f.name)]
+    require(saved == run, f"{path} was written by a run with another configuration "
+                          f"({'; '.join(diff)}): resume with its flags or use another --out_dir")
+
+def lock_runs(runs, out_dir):
+    """The master holds a lock on each run's folder: two processes training one run would write the same
+    checkpoint in turns, each resuming from the other's. The OS releases a lock when its process ends,
+    even by kill -9, so a lock is never left behind; several processes may share an out_dir if their
+    runs differ."""
     while LOCKS:  # those of an earlier call in this process (tests, notebooks) are released first
         LOCKS.pop().close()
     try:
         for run in runs if os.environ.get("RANK", "0") == "0" else []:
-            os.makedirs(os.path.join(args.out_dir, run.name), exist_ok=True)
-            LOCKS.append(open(os.path.join(args.out_dir, run.name, "lock"), "w"))
+            run_dir = os.path.join(out_dir, run.name)
+            os.makedirs(run_dir, exist_ok=True)
+            LOCKS.append(open(os.path.join(run_dir, "lock"), "w"))
             fcntl.flock(LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # with the lock held this process is the folder's only writer, so a temporary file in it is not a
+            # write in progress: it is what a kill -9 in the middle of write_atomic left behind
+            for tmp in glob.glob(os.path.join(glob.escape(run_dir), "*.tmp")):
+                os.remove(tmp)
     except BlockingIOError:
         require(False, f"{LOCKS[-1].name} is held by another process: wait for it or use another --out_dir")
     except OSError as e:
-        require(False, f"--out_dir {args.out_dir}: {e.strerror}: choose another folder")
-    return runs
+        require(False, f"--out_dir {out_dir}: {e.strerror}: choose another folder")
 
 def make_run(args, spec, budget_steps, seed, meta, world_size):
     """A variant's settings over the flags' values; a bad signature or setting stops here."""
+    # "A3B:p_skip=0.5:learning_rate=0.0025": the overrides replace the flags' values for this run only. The
+    # width and depth stay the flags', the same for every variant: RINS compares layouts of the same layers
     try:
         signature, overrides = rins.parse_variant(spec, VARIANT_KEYS)
         s = {**{k: getattr(args, k) for k in VARIANT_KEYS}, **overrides}
-        # GPT-2's 50257 padded to 50304 as nanoGPT does (a multiple of 64 keeps the LM head fast on GPUs);
-        # other vocabularies stay exact, so sampling never draws an id that has no text
-        vocab = -(-meta["vocab_size"] // 64) * 64 if meta["tokenizer"] == "gpt2" else meta["vocab_size"]
-        model = GPTConfig(block_size=s["block_size"], vocab_size=vocab, n_layer=args.n_layer,
+        model = GPTConfig(block_size=s["block_size"], vocab_size=vocab_size(meta), n_layer=args.n_layer,
                           n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
                           signature=signature, p_skip=s["p_skip"], adapters=s["adapters"],
                           adapter_rank=s["adapter_rank"], share_kv=s["share_kv"])
@@ -252,29 +344,40 @@ def make_run(args, spec, budget_steps, seed, meta, world_size):
         raise SystemExit(f"error: variant {spec!r}: {e}")
     require(s["batch_size"] >= 1 and s["learning_rate"] > 0, f"variant {spec!r}: batch_size must be >= 1 and "
             f"learning_rate > 0, got {s['batch_size']} and {s['learning_rate']}")
-    # the budget: what the baseline AB costs in budget_steps steps at the flags' batch and context
-    baseline = GPTConfig(block_size=args.block_size, vocab_size=vocab, n_layer=args.n_layer, n_head=args.n_head,
-                         n_embd=args.n_embd)
-    base_step_tokens = args.batch_size * args.block_size * args.grad_accum * world_size
-    budget = round(budget_steps * step_cost(baseline, args.budget_unit, base_step_tokens))
-    step_tokens = s["batch_size"] * s["block_size"] * args.grad_accum * world_size
-    steps, _, warmup_steps = rins.plan_budget(budget, step_cost(model, args.budget_unit, step_tokens), budget_steps,
-                                              args.warmup_frac)
+    # the budget is the baseline's, whatever this variant overrides: that is what makes the comparison fair
+    budget = baseline_budget(args, vocab_size(meta), budget_steps, world_size)
     train = TrainConfig(
         dataset=args.dataset, data_fingerprint=meta["fingerprint"], seed=seed, budget_steps=budget_steps,
         budget=budget, budget_unit=args.budget_unit, batch_size=s["batch_size"], grad_accum=args.grad_accum,
         world_size=world_size, learning_rate=s["learning_rate"], log_interval=args.log_interval,
         weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2, grad_clip=args.grad_clip,
-        warmup_frac=args.warmup_frac, warmup_steps=warmup_steps,
+        warmup_frac=args.warmup_frac, warmup_steps=0,  # set below, by the one budget rule (plan)
         cooldown_frac=args.cooldown_frac, eval_points=args.eval_points, eval_iters=args.eval_iters)
     # the variant's name shows its RINS settings that differ from the plain model's and the other settings
     # that differ from the flags', so a run's folder says what makes it different within a comparison
     plain = {k: getattr(GPTConfig, k) if k in rins.MODEL_KEYS else getattr(args, k) for k in VARIANT_KEYS}
     variant = rins.variant_name(signature, s, plain)
     name = f"{re.sub(r'[^A-Za-z0-9.=-]+', '_', variant).strip('_')}_b{budget_steps}_s{seed}"
+    # the one budget rule (plan) gives the steps and the warm-up; a run whose warm-up and cool-down overlap
+    # would never reach its peak learning rate, so it is refused here rather than trained
+    run = Run(name, variant, model, train)
+    steps, _, train.warmup_steps = plan(run)
     require(train.warmup_steps / steps + train.cooldown_frac <= 1, f"{name}: {train.warmup_steps} warm-up "
             f"steps and a {train.cooldown_frac:.0%} cool-down do not fit its {steps} steps: lower them")
-    return Run(name, variant, model, train)
+    return run
+
+def vocab_size(meta):
+    """GPT-2's 50257 padded to 50304 as nanoGPT does (a multiple of 64 keeps the LM head fast on GPUs);
+    other vocabularies stay exact, so sampling never draws an id that has no text."""
+    return -(-meta["vocab_size"] // 64) * 64 if meta["tokenizer"] == "gpt2" else meta["vocab_size"]
+
+def baseline_budget(args, vocab, budget_steps, world_size):
+    """The budget of every variant: what the baseline AB costs in budget_steps steps at the flags' model,
+    batch and context. A variant that sets its own batch or context spends the same budget its own way."""
+    baseline = GPTConfig(block_size=args.block_size, vocab_size=vocab, n_layer=args.n_layer, n_head=args.n_head,
+                         n_embd=args.n_embd)
+    tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world_size
+    return round(budget_steps * step_cost(baseline, args.budget_unit, tokens_per_step))
 
 def step_cost(config, unit, tokens_per_step):
     """The expected cost of one training step in `unit` (rins.cost_per_token), read off the model's shapes:
@@ -284,12 +387,18 @@ def step_cost(config, unit, tokens_per_step):
     return rins.cost_per_token(model, unit, config.block_size) * tokens_per_step
 
 def plan(run):
-    """(steps, target, warmup_steps) of a run: its budget over the expected cost of one of its steps."""
+    """(steps, target, warmup_steps) of a run, by the one budget rule of both scripts (rins.plan_budget).
+
+    The budget counts FLOPs (or layer applications x tokens), not steps: that is what "the same training
+    compute" means when a step of A3B costs about twice a step of AB. So a run's steps are its budget over
+    the expected cost of one of its steps, and it stops at target, the budget rounded to whole steps."""
     cfg, t = run.model, run.train
     tokens_per_step = t.batch_size * cfg.block_size * t.grad_accum * t.world_size
     return rins.plan_budget(t.budget, step_cost(cfg, t.budget_unit, tokens_per_step), t.budget_steps, t.warmup_frac)
 
 def read_checkpoint(path):
+    """A checkpoint's content (run, model, optimizer, state, rng), loaded on the CPU with weights_only=True:
+    torch.load would otherwise run whatever code a file it is given contains."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         assert isinstance(ckpt, dict) and {"run", "model"} <= set(ckpt)
@@ -299,13 +408,17 @@ def read_checkpoint(path):
                          f"point to a run's ckpt.pt, or delete it to train that run again")
 
 def check_device(name):
+    """--device as a torch.device; a device that is not there stops now, not at the first tensor."""
     try:
         return rins.parse_device(name)
     except ValueError as e:
         raise SystemExit(f"error: --device: {e}")
 
 def get_batch(data, ix, block_size, device):
-    """Inputs and next-token targets for the sequences starting at positions ix of a token memmap."""
+    """Inputs and next-token targets for the sequences starting at positions ix of a token memmap.
+
+    The targets are the inputs shifted by one token: every position of every sequence is a prediction
+    (nanoGPT). The memmap's uint16 tokens become int64, the type embeddings and cross-entropy take."""
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
     if device.type == "cuda":  # pinned memory: the copy to the GPU overlaps with compute
@@ -314,101 +427,146 @@ def get_batch(data, ix, block_size, device):
 
 # -----------------------------------------------------------------------------
 # One run, from its first step to its record
+#
+# start builds the model and optimizer (or loads them from the run's checkpoint), the loop in train calls
+# step until the executed cost reaches the run's target, evaluating and checkpointing at eval_points even
+# marks of it, and finish scores the trained model at every depth. Under torchrun every process runs all of
+# this on its slice of each batch; DDP averages the gradients, so the weights stay the same everywhere and
+# the master alone evaluates, checkpoints and writes.
 
-def train(run, run_dir, train_data, val_data, meta, device, ddp, compile):
+@dataclass
+class Training:
+    """One run in training: what its steps update and its checkpoints save, and its plan."""
+    model: GPT
+    train_model: torch.nn.Module  # what a step calls: the model, or under torchrun the model in DDP
+    optimizer: torch.optim.Optimizer
+    data_rng: torch.Generator     # the data position: the batch starts drawn so far
+    progress: dict                # step, cost, tokens, flops, train_time, train_log, curve: the checkpoint's "state"
+    steps: int                    # planned: the budget over the expected cost of a step
+    target: float                 # the budget rounded to whole planned steps: the run stops when its cost reaches it
+
+def train(run, run_dir, setup):
     """Train one run to its budget; returns its record (on the master process) or None."""
-    cfg, t = run.model, run.train
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    master = rank == 0
-    # the same seed on every rank: identical initial weights, and identical stochastic-skip draws
-    # (model.transformer.skip_rng), so all ranks run the same units and no rank waits for another
-    torch.manual_seed(t.seed)
-    model = GPT(cfg).to(device)
-    optimizer = rins.adamw(model, t.weight_decay, t.learning_rate, (t.beta1, t.beta2), device.type)
-    data_rng = torch.Generator().manual_seed(t.seed)  # the data position: batch starts, drawn for all ranks
-    progress = dict(step=0, cost=0, tokens=0, flops=0, train_time=0.0, train_log=[], curve=[])
+    t, master = run.train, setup.rank == 0
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
-    if os.path.exists(ckpt_path):  # plan_runs has checked that --resume is set and the run is the same
-        progress = load_checkpoint(ckpt_path, model, optimizer, data_rng)
-    if compile:
-        for block in model.transformer.h:  # the blocks, not the walk: stochastic skips do not recompile
-            block.compile()
-    # a skipped unit (p_skip) leaves its layers or adapter without gradient on that step
-    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                      find_unused_parameters=cfg.p_skip > 0) if ddp else model
-    ctx = rins.autocast(device)
-
-    # the plan: steps from the expected cost of a step, the budget rounded to whole planned steps
-    B, T, accum = t.batch_size, cfg.block_size, t.grad_accum
-    tokens_per_step = B * T * accum * world
-    steps, target, _ = plan(run)
-    warmup = t.warmup_steps / steps  # the warm-up as a fraction of this run's own budget
+    tr = start(run, setup, ckpt_path)
     if master:
-        tqdm.write(f"{run.name}: schedule {rins.layer_schedule(cfg.signature, cfg.n_layer)}, {steps} planned "
-                   f"steps, {steps * tokens_per_step / model.get_num_params():.1f} tokens per parameter")
-    finite = torch.ones((), dtype=torch.bool, device=device)
-    pbar = tqdm(total=steps, initial=progress["step"], desc=run.name, disable=not master, dynamic_ncols=True)
-    model.train()
+        tqdm.write(f"{run.name}: schedule {rins.layer_schedule(run.model.signature, run.model.n_layer)}, "
+                   f"{tr.steps} planned steps, {tr.steps * tokens_per_step(run) / tr.model.get_num_params():.1f} "
+                   f"tokens per parameter")
+    # evaluate (and checkpoint) when the cost crosses the next of eval_points even marks of the target: at the
+    # same fractions of the budget in every variant, so their curves compare at equal compute; every rank
+    # counts the same cost, so all ranks take part in the same all-reduces
+    marks = lambda cost: cost * t.eval_points // tr.target
+    # a nan/inf loss or gradient is remembered on the device and checked only when a loss is logged: reading
+    # it every step would wait for the GPU every step
+    finite = torch.ones((), dtype=torch.bool, device=setup.device)
+    pbar = tqdm(total=tr.steps, initial=tr.progress["step"], desc=run.name, disable=not master, dynamic_ncols=True)
     clock = time.perf_counter()  # training time runs between evaluations
     try:
-        while progress["cost"] < target:
-            # one draw of B x accum x world batch starts per step; micro-batch a of rank r takes its slice,
-            # so the global batch does not depend on how it is split over processes and micro-batches
-            ix = torch.randint(len(train_data) - T, (accum * world * B,), generator=data_rng)
-            step_cost, step_flops, loss_sum = 0, 0, 0.0
-            for a in range(accum):
-                x, y = get_batch(train_data, ix[(a * world + rank) * B:(a * world + rank + 1) * B], T, device)
-                if ddp:
-                    train_model.require_backward_grad_sync = a == accum - 1  # all-reduce once per step
-                with ctx:
-                    _, loss = train_model(x, y)
-                # count what executed (stochastic skips included; the same on every rank): the forward
-                # leaves its counts on the Transformer, and the budget is spent on them, not on the plan
-                tr = model.transformer
-                executed = (tr.applications, tr.adapters_run, tr.kv_reuses)
-                step_cost += rins.cost_per_token(model, t.budget_unit, T, executed) * B * T * world
-                step_flops += model.flops_per_token(T, executed) * B * T * world
-                (loss / accum).backward()
-                loss_sum += loss.detach()
-            # the LR at the middle of this step, on the schedule laid over the run's own budget
-            progress_mid = (progress["cost"] + step_cost / 2) / target
-            lr = rins.learning_rate(t.learning_rate, progress_mid, warmup, t.cooldown_frac)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
-            finite &= torch.isfinite(norm) & torch.isfinite(loss_sum)  # checked when logged: no sync per step
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            # evaluate when the cost crosses the next of eval_points even marks (all ranks see the same cost)
-            marks = lambda cost: cost * t.eval_points // target
-            eval_now = marks(progress["cost"]) < marks(progress["cost"] + step_cost)
-            progress.update(step=progress["step"] + 1, cost=progress["cost"] + step_cost,
-                            tokens=progress["tokens"] + tokens_per_step, flops=progress["flops"] + step_flops)
+        while tr.progress["cost"] < tr.target:  # the executed cost, not the step count, ends the run
+            cost_before = tr.progress["cost"]
+            loss, lr, step_finite = step(run, setup, tr)
+            finite &= step_finite
             pbar.update()
-            if eval_now or progress["step"] % t.log_interval == 0:
-                train_loss = log_step(progress, loss_sum / accum, finite, lr, ddp, ckpt_path)
+            eval_now = marks(cost_before) < marks(tr.progress["cost"])
+            if eval_now or tr.progress["step"] % t.log_interval == 0:
+                train_loss = log_step(tr.progress, loss, finite, lr, setup.ddp, ckpt_path)
                 pbar.set_postfix(loss=f"{train_loss:.4f}")
+            # the master alone evaluates and saves: DDP keeps every rank's weights the same as its own
             if eval_now and master:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)  # the GPU's queued steps belong to training time
-                progress["train_time"] += time.perf_counter() - clock
-                val_loss, _ = evaluate(model, val_data, T, B, t.eval_iters, ctx)
-                if not math.isfinite(val_loss):  # the last update broke the weights: do not save them
-                    stop_not_finite(progress["step"], ckpt_path)
-                progress["curve"].append(dict(step=progress["step"], tokens=progress["tokens"],
-                                              cost=progress["cost"], val_loss=val_loss))
-                tqdm.write(f"{run.name} step {progress['step']}: cost {progress['cost']:.3e}, "
-                           f"train {train_loss:.4f}, val {val_loss:.4f}")
-                save_checkpoint(ckpt_path, run, model, optimizer, progress, data_rng)
+                if setup.device.type == "cuda":
+                    torch.cuda.synchronize(setup.device)  # the GPU's queued steps belong to training time
+                tr.progress["train_time"] += time.perf_counter() - clock
+                evaluate_and_save(run, setup, tr, train_loss, ckpt_path)
                 clock = time.perf_counter()
     finally:
         pbar.close()  # before any error message, so that the bar is not redrawn after it
-    if master:
-        return finish(run, model, progress, steps, target, val_data, len(train_data), meta, ctx, device,
-                      world)
+    return finish(run, tr, setup) if master else None
+
+def start(run, setup, ckpt_path):
+    """The run's model, optimizer and data position: new, or as its checkpoint left them (--resume)."""
+    cfg, t = run.model, run.train
+    # the same seed on every rank: identical initial weights, and identical stochastic-skip draws
+    # (model.transformer.skip_rng), so all ranks run the same units and no rank waits for another
+    torch.manual_seed(t.seed)
+    model = GPT(cfg).to(setup.device)
+    # the same optimiser for every layout: AdamW with weight decay on matrices only (rins.adamw); its LR is set
+    # at every step by the schedule (step)
+    optimizer = rins.adamw(model, t.weight_decay, t.learning_rate, (t.beta1, t.beta2), setup.device.type)
+    # the batch starts come from a generator of their own, not from torch's global one: dropout and the
+    # initialisation draw from that, and the data must not shift when they do (with --compile, say); as
+    # its state is checkpointed, a resumed run reads exactly the batches it would have read
+    data_rng = torch.Generator().manual_seed(t.seed)
+    steps, target, _ = plan(run)
+    # the plan is computed again from the run, not stored: the same Run always gives the same plan
+    tr = Training(model, model, optimizer, data_rng, dict(step=0, cost=0, tokens=0, flops=0, train_time=0.0,
+                                                        train_log=[], curve=[]), steps, target)
+    if os.path.exists(ckpt_path):  # plan_runs has checked that --resume is set and the run is the same
+        load_checkpoint(ckpt_path, tr)
+    if setup.compile:
+        for block in model.transformer.h:  # the blocks, not the walk: stochastic skips do not recompile
+            block.compile()
+    if setup.ddp:  # a skipped unit (p_skip) leaves its layers or adapter without gradient on that step
+        tr.train_model = DDP(model, device_ids=[setup.device.index] if setup.device.type == "cuda" else None,
+                             find_unused_parameters=cfg.p_skip > 0)
+    model.train()
+    return tr
+
+def tokens_per_step(run):
+    """Tokens of one optimisation step, over all micro-batches and processes."""
+    return run.train.batch_size * run.model.block_size * run.train.grad_accum * run.train.world_size
+
+def step(run, setup, tr):
+    """One optimisation step: draw the global batch, forward and backward each micro-batch, clip, update,
+    and count the cost that executed. Returns (mean loss, LR, whether the loss and gradient were finite),
+    the loss and the flag as tensors on the device, so that nothing waits for the GPU here."""
+    t, B, T, accum = run.train, run.train.batch_size, run.model.block_size, run.train.grad_accum
+    # one draw of B x accum x world batch starts per step; micro-batch a of rank r takes its slice, so the
+    # global batch does not depend on how it is split over processes and micro-batches (DDP == one process)
+    ix = torch.randint(len(setup.train_data) - T, (accum * setup.world * B,), generator=tr.data_rng)
+    cost, flops, loss_sum = 0, 0, 0.0
+    for a in range(accum):
+        first = (a * setup.world + setup.rank) * B
+        x, y = get_batch(setup.train_data, ix[first:first + B], T, setup.device)
+        if setup.ddp:
+            tr.train_model.require_backward_grad_sync = a == accum - 1  # all-reduce once per step
+        with rins.autocast(setup.device):
+            _, loss = tr.train_model(x, y)
+        # the budget is spent on what executed, not on the plan: a stochastic forward (p_skip) skips
+        # rounds, so its cost is only known now. The forward leaves its counts on the Transformer
+        # (rins.Transformer.forward), as GPT.forward returns only (logits, loss); every rank draws the
+        # same skips, so every rank counts the same cost
+        counts = (tr.model.transformer.applications, tr.model.transformer.adapters_run,
+                  tr.model.transformer.kv_reuses)
+        cost += rins.cost_per_token(tr.model, t.budget_unit, T, counts) * B * T * setup.world
+        flops += tr.model.flops_per_token(T, counts) * B * T * setup.world  # for MFU, in either unit
+        # gradients add up over micro-batches: each loss divided by accum makes the sum the mean over the step
+        (loss / accum).backward()
+        loss_sum += loss.detach()
+    # the LR of the schedule laid over the run's own budget, taken at the middle of this step: the cost of
+    # a stochastic step is only known after its forwards, and the middle is fair to a step of any length.
+    # The warm-up is the same number of steps in every variant (rins.plan_budget): as a fraction of the
+    # run's own steps it is longer for a run that takes fewer, more expensive steps
+    lr = rins.learning_rate(t.learning_rate, (tr.progress["cost"] + cost / 2) / tr.target,
+                            t.warmup_steps / tr.steps, t.cooldown_frac)
+    for group in tr.optimizer.param_groups:
+        group["lr"] = lr
+    # clip the norm of all gradients together (nanoGPT); with grad_clip 0 the norm is still measured, as the
+    # nan/inf check reads it
+    norm = torch.nn.utils.clip_grad_norm_(tr.model.parameters(), t.grad_clip or math.inf)
+    tr.optimizer.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    p = tr.progress
+    p.update(step=p["step"] + 1, cost=p["cost"] + cost, tokens=p["tokens"] + tokens_per_step(run),
+             flops=p["flops"] + flops)
+    return loss_sum / accum, lr, torch.isfinite(norm) & torch.isfinite(loss_sum)
 
 def log_step(progress, loss, finite, lr, ddp, ckpt_path):
-    """Record the train loss (averaged over ranks); stop cleanly if any loss or gradient was not finite."""
+    """Record the train loss (averaged over ranks); stop cleanly if any loss or gradient was not finite.
+
+    Reading a value from the GPU waits for every step queued before it, so this runs only every
+    log_interval steps; every rank calls it at the same steps, as its all-reduce needs all of them."""
     stats = torch.stack([loss.float(), (~finite).float()])
     if ddp:
         dist.all_reduce(stats)
@@ -419,7 +577,19 @@ def log_step(progress, loss, finite, lr, ddp, ckpt_path):
     progress["train_log"].append(dict(step=progress["step"], loss=loss, lr=lr, cost=progress["cost"]))
     return loss
 
+def evaluate_and_save(run, setup, tr, train_loss, ckpt_path):
+    """A point of the loss curve (validation loss at the cost so far), then a checkpoint; the master only."""
+    val_loss, _ = evaluate(tr.model, setup.val_data, run.model.block_size, run.train.batch_size,
+                           run.train.eval_iters, rins.autocast(setup.device))
+    if not math.isfinite(val_loss):  # the last update broke the weights: do not save them
+        stop_not_finite(tr.progress["step"], ckpt_path)
+    p = tr.progress
+    p["curve"].append(dict(step=p["step"], tokens=p["tokens"], cost=p["cost"], val_loss=val_loss))
+    tqdm.write(f"{run.name} step {p['step']}: cost {p['cost']:.3e}, train {train_loss:.4f}, val {val_loss:.4f}")
+    save_checkpoint(ckpt_path, run, tr)
+
 def stop_not_finite(step, ckpt_path):
+    """Stop before a broken model is saved: the checkpoint on disk is the last one with finite weights."""
     saved = f"the last good checkpoint {ckpt_path} is intact" if os.path.exists(ckpt_path) else "none saved"
     raise SystemExit(f"error: the loss became nan/inf by step {step}; {saved}; try a lower --learning_rate")
 
@@ -427,6 +597,7 @@ def stop_not_finite(step, ckpt_path):
 def evaluate(model, data, block_size, batch_size, eval_iters, ctx, rounds=None):
     """(mean val loss, layer applications per forward) over fixed batches: the same text at every
     evaluation of every run with this batch shape, so curves and variants compare like for like."""
+    # eval mode: no dropout, and every round runs (no stochastic skips), so a loss measures the model itself
     model.eval()
     rng, device, losses = torch.Generator().manual_seed(EVAL_SEED), next(model.parameters()).device, []
     for _ in range(eval_iters):
@@ -434,49 +605,72 @@ def evaluate(model, data, block_size, batch_size, eval_iters, ctx, rounds=None):
         with ctx:
             losses.append(model(*get_batch(data, ix, block_size, device), rounds=rounds)[1])
     model.train()
+    # the applications of the last forward, which the Transformer leaves on itself (rins.Transformer.forward);
+    # in eval mode every forward at these rounds runs the same units
     return torch.stack(losses).mean().item(), model.transformer.applications
 
-def save_checkpoint(path, run, model, optimizer, progress, data_rng):
-    """Everything a resumed run needs to continue exactly: weights, optimizer, progress, RNG states."""
-    rng = dict(torch=torch.get_rng_state(), data=data_rng.get_state(),
-               skip=model.transformer.skip_rng.get_state())
+def save_checkpoint(path, run, tr):
+    """Everything a resumed run needs to continue exactly: weights, optimizer, progress, RNG states.
+
+    Written at every evaluation, so a stop loses at most a 1/eval_points of the run; the optimizer's state
+    (Adam's moment estimates) is saved too, as a resumed run restarted without it would train differently."""
+    # every source of randomness, so that a resumed run draws what the uninterrupted one would have drawn:
+    # torch's global generator (dropout), the batch starts (data_rng) and the stochastic skips (skip_rng)
+    rng = dict(torch=torch.get_rng_state(), data=tr.data_rng.get_state(),
+               skip=tr.model.transformer.skip_rng.get_state())
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    ckpt = {"run": asdict(run), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "state": progress, "rng": rng}
-    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))  # a kill while writing leaves the last one intact
+    ckpt = {"run": asdict(run), "model": tr.model.state_dict(), "optimizer": tr.optimizer.state_dict(),
+            "state": tr.progress, "rng": rng}
+    write_atomic(path, lambda tmp: write_checkpoint(tmp, ckpt, path))  # a kill while writing: the last one is whole
 
-def load_checkpoint(path, model, optimizer, data_rng):
+def write_checkpoint(tmp, ckpt, path):
+    """torch.save to a file object: given a path, torch writes with its own writer and reports a full disk as
+    an internal error ("enforce fail at inline_container.cc"); through Python's file, as OSError ENOSPC."""
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise SystemExit(f"error: could not write {path} (the disk is full: {e.strerror}): the previous checkpoint, "
+                         f"if any, is intact; free some space and run the same command with --resume")
+
+def load_checkpoint(path, tr):
+    """The run as save_checkpoint left it, into the freshly built tr: weights, optimizer, progress and every
+    generator's state. On the CPU the resumed run is then bit for bit the uninterrupted one (test_rins.py)."""
     ckpt = read_checkpoint(path)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    tr.model.load_state_dict(ckpt["model"])
+    tr.optimizer.load_state_dict(ckpt["optimizer"])
+    tr.progress = ckpt["state"]
     torch.set_rng_state(ckpt["rng"]["torch"])
-    data_rng.set_state(ckpt["rng"]["data"])
-    model.transformer.skip_rng.set_state(ckpt["rng"]["skip"])
+    tr.data_rng.set_state(ckpt["rng"]["data"])
+    tr.model.transformer.skip_rng.set_state(ckpt["rng"]["skip"])
     if "cuda" in ckpt["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-    return ckpt["state"]
 
-def finish(run, model, progress, steps, target, val_data, n_train, meta, ctx, device, world):
+def finish(run, tr, setup):
     """Evaluate the trained run at every rounds from 1 (the baseline's cost, "1x") through r (as trained)
     to r + 1 (extrapolation), or as trained (rounds None) without a recursive block; return its record.
     Every depth, because a stochastic model trains on all of them (p_skip 0.8 runs A3B as A2B in 32%
     of its steps) and the shape of loss against rounds is what "more rounds at inference" is about."""
     r = run.model.recursive[1] if run.model.recursive else None
     evals = []
-    for rounds in range(1, r + 2) if r else [None]:
-        loss, apps = evaluate(model, val_data, run.model.block_size, run.train.batch_size,
-                              run.train.eval_iters, ctx, rounds)
+    for rounds in range(1, r + 2) if r else [None]:  # 1 .. r + 1
+        loss, apps = evaluate(tr.model, setup.val_data, run.model.block_size, run.train.batch_size,
+                              run.train.eval_iters, rins.autocast(setup.device), rounds)
         evals.append(dict(rounds=rounds, eval_applications=apps, val_loss=loss))
-    peak, n_params, seconds = rins.peak_flops(device), model.get_num_params(), progress["train_time"]
-    return dict(run=asdict(run), trained_rounds=r, steps=progress["step"], planned_steps=steps,
-                tokens=progress["tokens"], epochs=progress["tokens"] / n_train,
-                tokens_per_param=progress["tokens"] / n_params, cost=progress["cost"], target=target,
-                flops=progress["flops"],
-                wall_s=seconds, tokens_per_s=progress["tokens"] / seconds,
-                mfu=progress["flops"] / seconds / (peak * world) if peak else None, n_params=n_params,
-                n_adapter_params=model.num_adapter_params(), floor=meta.get("entropy_per_token"), evals=evals,
-                curve=progress["curve"], train_log=progress["train_log"])
+    # the record: what ran (steps, tokens, executed cost and FLOPs) beside what was planned; tokens per
+    # parameter, the x axis of data scaling; the time spent training (evaluations left out) and the model
+    # FLOPs utilisation on a GPU with a known peak; the dataset's entropy floor where it has one (grammar)
+    p, peak, n_params = tr.progress, rins.peak_flops(setup.device), tr.model.get_num_params()
+    return dict(run=asdict(run), trained_rounds=r, steps=p["step"], planned_steps=tr.steps,
+                tokens=p["tokens"], epochs=p["tokens"] / len(setup.train_data),
+                tokens_per_param=p["tokens"] / n_params, cost=p["cost"], target=tr.target, flops=p["flops"],
+                wall_s=p["train_time"], tokens_per_s=p["tokens"] / p["train_time"],
+                mfu=p["flops"] / p["train_time"] / (peak * setup.world) if peak else None, n_params=n_params,
+                n_adapter_params=tr.model.num_adapter_params(), floor=setup.meta.get("entropy_per_token"),
+                evals=evals, curve=p["curve"], train_log=p["train_log"])
 
 # -----------------------------------------------------------------------------
 # Results: effective compute, the scaling law across budgets, the table, files and the plot
@@ -587,13 +781,13 @@ def write_results(out_dir, records, plot_path, baseline):
     plot_curves(records, rows, plot_path or os.path.join(out_dir, "loss_vs_cost.png"))
     return fits
 
-def report(args):
+def report(args, grid):
     """The results files, table and plot again from the finished runs of a folder, without training;
     --variants and --budget_steps select runs, the baseline's at every budget (plot: DIR/report.png)."""
     records = [read_json(path) for path in sorted(glob.glob(os.path.join(args.report, "*", "run.json")))]
     require(records, f"no finished runs (<run>/run.json) in {args.report}")
-    variants = args.variants or sorted({r["run"]["variant"] for r in records})
-    budgets = args.budget_steps or sorted({r["run"]["train"]["budget_steps"] for r in records})
+    variants = grid.variants or sorted({r["run"]["variant"] for r in records})
+    budgets = grid.budget_steps or sorted({r["run"]["train"]["budget_steps"] for r in records})
     found = {r["run"]["variant"] for r in records} | {f"budget {r['run']['train']['budget_steps']}" for r in records}
     missing = [v for v in variants + [f"budget {b}" for b in budgets] if v not in found]
     require(not missing, f"no finished runs of {', '.join(missing)} in {args.report}")
@@ -609,7 +803,7 @@ def report(args):
     keep = variants if args.baseline in variants else variants + [args.baseline]
     records.sort(key=lambda r: (keep.index(r["run"]["variant"]), r["run"]["train"]["budget_steps"],
                                 r["run"]["train"]["seed"]))
-    subset = args.variants or args.budget_steps
+    subset = grid.variants or grid.budget_steps
     plot = args.plot or os.path.join(args.report, "report.png" if subset else "loss_vs_cost.png")
     if subset:
         fits = budget_fits(records)
@@ -666,7 +860,7 @@ def plot_curves(records, rows, path):
 # -----------------------------------------------------------------------------
 # Sampling
 
-def sample(args):
+def sample(args, grid):
     """Generate from a checkpoint with the KV cache, at --rounds rounds of the recursive block."""
     check_flags(args, ("num_samples", "top_k", "max_new_tokens"), [
         ("start", args.start, "text"), ("temperature", args.temperature >= 0, ">= 0 (0: greedy)"),
@@ -680,7 +874,7 @@ def sample(args):
     require(meta["fingerprint"] == ckpt["run"]["train"].get("data_fingerprint", meta["fingerprint"]),
             f"{args.ckpt}: its dataset was prepared again since, from other text: prepare it as it was")
     encode, decode = codec(meta)
-    torch.manual_seed((args.seeds or [0])[0])
+    torch.manual_seed((grid.seeds or [0])[0])
     x = torch.tensor([encode(args.start)], dtype=torch.long, device=device)
     for _ in range(args.num_samples):
         with rins.autocast(device):
