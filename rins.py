@@ -555,7 +555,7 @@ def lm_head_loss(x, weight, targets, chunk):
     the backward (checkpoint) rather than kept. A batch that fits in one chunk takes the plain path."""
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
     if x.size(0) <= chunk:
-        return chunk_loss(x, weight, targets) / (targets != -1).sum()
+        return F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=-1)
     total = sum(checkpoint(chunk_loss, xc, weight, tc, use_reentrant=False)
                 for xc, tc in zip(x.split(chunk), targets.split(chunk)))
     return total / (targets != -1).sum()
