@@ -12,7 +12,7 @@ Where each definition lives (the README's "Definitions" section says the same wi
   the recursive block and `rounds`     -> recursive_block, Transformer.plan
   stochastic RINS                      -> Transformer.plan
   linear adapters                      -> Adapter, adapter_rank
-  KV cache and KV sharing              -> KVCache, Transformer.forward
+  KV cache and KV sharing              -> KVCache, Transformer.forward, decode_step
   compute accounting and the budget    -> expected_counts, cost_per_token, plan_budget, flops_per_token
   variants "A3B:p_skip=0.5:adapters=1" -> parse_variant
   learning-rate schedule and AdamW     -> learning_rate, adamw (shared by train.py and eval_siglip.py)
@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 MAX_APPLICATIONS = 10_000  # layer applications per forward: a bound that turns a typo like A99999B into an error
 MAX_DEGREE = 16
@@ -237,25 +238,28 @@ class SelfAttention(nn.Module):
         self.n_head = config.n_head
         self.causal = config.causal
 
-    def forward(self, x, kv=None, cache=None):
+    def forward(self, x, kv=None, cache=None, pos=None):
         """Attend from x; returns (output, (k, v)) so a later application can share k, v.
 
         kv: keys and values from this layer's first application (KV sharing); then only the
-            queries are computed here. cache: this schedule position's LayerCache.
+            queries are computed here. cache: this schedule position's LayerCache; pos (T,): the
+            positions of x's tokens, where the cache stores their k, v.
         """
         B, T, C = x.size()
         heads = lambda t: t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if kv is None:
             q, k, v = map(heads, self.c_attn(x).split(C, dim=2))
             if cache is not None:
-                k, v = cache.update(k, v)
+                k, v = cache.update(k, v, pos)
         else:
             bias = None if self.c_attn.bias is None else self.c_attn.bias[:C]
             q = heads(F.linear(x, self.c_attn.weight[:C], bias))
             k, v = kv
-        # T == 1 with a cache: the new token attends to every cached position, no mask needed
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0,
-                                           is_causal=self.causal and T > 1)
+        # with a cache, k and v span the whole preallocated block: the mask lets the token at position p
+        # see positions 0..p only, which hides both the future and the slots not written yet
+        mask = None if pos is None else torch.arange(k.size(2), device=x.device) <= pos[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0,
+                                           is_causal=self.causal and mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
@@ -280,8 +284,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv=None, cache=None):
-        a, kv = self.attn(self.ln_1(x), kv, cache)
+    def forward(self, x, kv=None, cache=None, pos=None):
+        a, kv = self.attn(self.ln_1(x), kv, cache, pos)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, kv
@@ -309,22 +313,23 @@ def adapter_rank(d, n_adapters, n_params):
     return d if d * d <= budget else max(1, int(budget // (2 * d)))
 
 class LayerCache:
-    """Keys and values of one schedule position, preallocated to block_size."""
+    """Keys and values of one schedule position, preallocated to block_size: a decoding step then has
+    the same shapes at every position, so a compiled step is traced once (and captured as one CUDA graph)."""
 
     def __init__(self, max_len):
-        self.max_len, self.length, self.k, self.v = max_len, 0, None, None
+        self.max_len, self.k, self.v = max_len, None, None
 
-    def update(self, k, v):
-        """Append the new tokens' k, v; return k, v of every position so far."""
-        if self.k is None:
-            # preallocated, not torch.cat per token: appending stays O(1) per token
+    def update(self, k, v, pos):
+        """Write the new tokens' k, v at positions pos (T,); return the whole buffers (the attention mask
+        hides the positions not written yet)."""
+        if self.k is None:  # allocated at the prompt, when the batch size and dtype are known
             shape = (k.size(0), k.size(1), self.max_len, k.size(3))
             self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
-        T = k.size(2)
-        self.k[:, :, self.length:self.length + T] = k
-        self.v[:, :, self.length:self.length + T] = v
-        self.length += T
-        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+            for t in (self.k, self.v):  # written in place at a fixed address: CUDA graphs may keep it
+                torch._dynamo.mark_static_address(t)
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
 
 class KVCache:
     """The KV cache of a recursive model is keyed by *schedule position*, not by layer: a layer
@@ -333,10 +338,6 @@ class KVCache:
 
     def __init__(self, n_slots, max_len):
         self.slots = [LayerCache(max_len) for _ in range(n_slots)]
-
-    @property
-    def length(self):
-        return self.slots[0].length
 
     @property
     def nbytes(self):
@@ -421,10 +422,11 @@ class Transformer(nn.Module):
         n_slots = self.config.n_layer if self.config.share_kv else sum(len(l) for l, _ in self.plan(rounds))
         return KVCache(n_slots, self.config.block_size)
 
-    def forward(self, x, rounds=None, cache=None):
+    def forward(self, x, rounds=None, cache=None, pos=None):
         """Walk the plan. KV sharing [our choice]: every later application of a layer attends with the
         keys and values its *first* application computed in this forward (later rounds compute
-        queries only), the same rule with and without a cache, so both give the same logits."""
+        queries only), the same rule with and without a cache, so both give the same logits.
+        pos (T,): the positions of x's tokens, with a cache."""
         if cache is not None and self.training:
             raise ValueError("cached generation needs model.eval(): the plan must not change between tokens")
         first_kv = {}  # layer -> (k, v) of its first application
@@ -435,7 +437,7 @@ class Transformer(nn.Module):
                 slot = None
                 if cache is not None and shared is None:
                     slot = cache.slots[layer if self.config.share_kv else applications]
-                x, kv = self.h[layer](x, shared, slot)
+                x, kv = self.h[layer](x, shared, slot, pos)
                 first_kv.setdefault(layer, kv)
                 applications += 1
                 reuses += shared is not None
@@ -482,61 +484,55 @@ class GPT(nn.Module):
     def num_adapter_params(self):
         return sum(p.numel() for p in self.transformer.adapters.parameters())
 
-    def forward(self, idx, targets=None, rounds=None, cache=None):
-        """(logits, loss) as nanoGPT: all positions with targets, the last one alone without.
+    def forward(self, idx, targets=None, rounds=None, cache=None, pos=None):
+        """(logits, loss): without targets, the last position's logits alone (inference); in training,
+        the loss alone, computed in chunks so the whole batch's float32 logits never exist (lm_head_loss);
+        in evaluation, nanoGPT's logits at every position and the loss.
 
-        cache: a KVCache from new_cache(); idx then holds only the tokens not yet cached.
+        cache: a KVCache from new_cache(); pos (T,): the positions of idx's tokens in it (default
+        0..T-1, a prompt); a decoding step passes its position as a tensor (decode_step).
         """
         B, T = idx.size()
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of length {start + T} is longer than block_size={self.config.block_size}")
-        if cache is not None and start > 0 and T > 1:
-            raise ValueError("after the prompt, a cache takes one token at a time")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
+        pos = torch.arange(T, device=idx.device) if pos is None else pos
         x = self.drop(self.wte(idx) + self.wpe(pos))
-        x = self.transformer(x, rounds=rounds, cache=cache)
-        if targets is not None:
-            logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        else:
-            logits = self.lm_head(x[:, [-1], :])  # inference: only the last position is needed
-            loss = None
-        return logits, loss
+        x = self.transformer(x, rounds=rounds, cache=cache, pos=None if cache is None else pos)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        if self.training:
+            return None, lm_head_loss(x, self.lm_head.weight, targets, LOSS_CHUNK)
+        logits = self.lm_head(x)
+        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def new_cache(self, rounds=None):
         return self.transformer.new_cache(rounds)
 
-    # cuDNN attention builds a plan for every new sequence length, and generation makes a new one every
-    # token: generation leaves it out (the flash and memory-efficient kernels need no plan)
+    # cuDNN attention builds a plan for every new sequence length, and the uncached loop and the prompt
+    # make a new one every call: generation leaves it out (the other kernels need no plan)
     @torch.inference_mode()
     @sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, rounds=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, rounds=None, use_cache=True,
+                 step=None):
         """Sample max_new_tokens after idx (B, T), with a KV cache unless use_cache=False.
 
-        temperature 0 is greedy decoding (the most likely token). [our choice] Once the sequence
-        outgrows block_size, each step re-reads the last block_size tokens without the cache,
-        exactly as the uncached loop does, so both give the same logits.
+        temperature 0 is greedy decoding (the most likely token). step: the cached one-token step,
+        decode_step or a compiled one (compile_decode_step). [our choice] Once the sequence outgrows
+        block_size, each step re-reads the last block_size tokens without the cache, exactly as the
+        uncached loop does, so both give the same logits.
         """
-        cache = None
+        cache, step = None, step or decode_step
         for _ in range(max_new_tokens):
-            if not use_cache or idx.size(1) > self.config.block_size:
+            T = idx.size(1)
+            if not use_cache or T > self.config.block_size:
                 logits, _ = self(idx[:, -self.config.block_size:], rounds=rounds)
-            elif cache is None:
+            elif cache is None:  # the prompt fills the cache in one forward
                 cache = self.new_cache(rounds)
                 logits, _ = self(idx, rounds=rounds, cache=cache)
-            else:
-                logits, _ = self(idx[:, -1:], rounds=rounds, cache=cache)
-            logits = logits[:, -1, :]
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
+            else:  # then the last token alone, its position T - 1 a tensor so that the shapes stay static
+                logits = step(self, token, torch.full((1,), T - 1, device=idx.device), cache, rounds)
+            token = next_token(logits[:, -1, :], temperature, top_k)  # (B, 1), contiguous: static strides
+            idx = torch.cat((idx, token), dim=1)
         return idx
 
     def flops_per_token(self, seq_len, counts=None):
@@ -545,6 +541,48 @@ class GPT(nn.Module):
         the blocks and adapters (Transformer.flops_per_token) and the LM head, 2 x vocab_size x n_embd
         per token forward, 3x that with the backward."""
         return self.transformer.flops_per_token(seq_len, counts) + 6 * self.lm_head.weight.numel()
+
+def next_token(logits, temperature, top_k):
+    """The next token (B, 1) from the last position's logits: the argmax at temperature 0, else a draw
+    from the softmax at that temperature over the top_k most likely tokens."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+def decode_step(model, token, pos, cache, rounds=None):
+    """One cached decoding step: token (B, 1) at position pos (a (1,) tensor) -> logits (B, 1, vocab).
+    Every shape is the same at every position (the cache is block_size long, pos a tensor), so a
+    compiled step is traced once."""
+    return model(token, rounds=rounds, cache=cache, pos=pos)[0]
+
+def compile_decode_step(device):
+    """decode_step compiled whole. On CUDA "reduce-overhead" replays it as one CUDA graph: at batch 1 a
+    small model's step is bound by kernel launches (about 20 per layer), not by arithmetic."""
+    return torch.compile(decode_step, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
+
+# positions per chunk of the LM head + loss in training: at GPT-2's 50,304 tokens a chunk's float32
+# logits take 0.8 GB, where a 16 x 1024 batch's take 3.3 GB; the CPU's small batches fit in one chunk
+LOSS_CHUNK = 4096
+
+def lm_head_loss(x, weight, targets, chunk):
+    """Mean cross-entropy of the logits x @ weight.T (float32) against targets, ignore_index -1, without
+    the logits of all positions at once: chunk positions at a time, each chunk's logits recomputed in
+    the backward (checkpoint) rather than kept. A batch that fits in one chunk takes the plain path."""
+    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    if x.size(0) <= chunk:
+        return F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=-1)
+    total = sum(checkpoint(chunk_loss, xc, weight, tc, use_reentrant=False)
+                for xc, tc in zip(x.split(chunk), targets.split(chunk)))
+    return total / (targets != -1).sum()
+
+def chunk_loss(x, weight, targets):
+    """The summed cross-entropy of one chunk of positions; float32 logits, as F.cross_entropy under
+    autocast computes them."""
+    return F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=-1, reduction="sum")
 
 # -----------------------------------------------------------------------------
 # Compute accounting: every variant of a comparison gets the same training budget

@@ -280,7 +280,7 @@ def test_p_skip_one_is_the_baseline():
     idx = torch.randint(0, 37, (2, 12))
     a3b = tiny_model(signature="A3B", p_skip=1.0).train()
     ab = copy_weights(a3b, tiny_model(signature="AB")).train()
-    torch.testing.assert_close(a3b(idx, idx)[0], ab(idx, idx)[0])
+    torch.testing.assert_close(a3b(idx, idx)[1], ab(idx, idx)[1])  # the training forward returns the loss alone
 
 # -----------------------------------------------------------------------------
 # adapters
@@ -303,9 +303,9 @@ def test_one_round_is_the_model_training_runs_when_it_skips_every_round_it_can()
         model = tiny_model(signature=signature, adapters=True, adapter_rank=4, p_skip=1.0)
         for adapter in model.transformer.adapters:
             torch.nn.init.normal_(adapter.up.weight, std=0.5)
-        trained_net = model.train()(idx, idx)[0]
+        trained_net = model.train()(idx)[0], model(idx, idx)[1]  # the last logits, the loss at every position
         assert model.transformer.adapters_run == 1
-        torch.testing.assert_close(model.eval()(idx, idx, rounds=1)[0], trained_net)
+        torch.testing.assert_close((model.eval()(idx, rounds=1)[0], model(idx, idx, rounds=1)[1]), trained_net)
 
 def test_adapters_learn():
     model = tiny_model(signature="A3B", adapters=True, adapter_rank=4).train()
@@ -338,7 +338,7 @@ def test_cached_logits_equal_uncached(signature, share_kv):
     logits, _ = model(idx[:, :5], cache=cache)           # prompt
     torch.testing.assert_close(logits, model(idx[:, :5])[0], atol=1e-5, rtol=1e-5)
     for t in range(5, 20):                                 # then one token at a time
-        logits, _ = model(idx[:, t:t + 1], cache=cache)
+        logits, _ = model(idx[:, t:t + 1], cache=cache, pos=torch.tensor([t]))
         torch.testing.assert_close(logits, model(idx[:, :t + 1])[0], atol=1e-5, rtol=1e-5)
 
 def test_cache_bytes():
@@ -369,6 +369,62 @@ def test_cache_needs_eval_mode():
     model = tiny_model(signature="A3B", p_skip=0.5).train()
     with pytest.raises(ValueError, match="eval"):
         model(torch.zeros(1, 3, dtype=torch.long), cache=model.transformer.new_cache())
+
+def greedy_uncached(model, prompt, n, rounds=None):
+    """Greedy decoding written out: the argmax of a full uncached forward, one token at a time."""
+    idx = prompt
+    for _ in range(n):
+        idx = torch.cat((idx, model(idx, rounds=rounds)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
+    return idx
+
+@pytest.mark.parametrize("kw, rounds", [(dict(signature="AB"), None), (dict(signature="A3B"), None),
+                                        (dict(signature="A3B", share_kv=True), None),
+                                        (dict(signature="(A3B)2"), None), (dict(signature="A3B"), 5),
+                                        (dict(signature="A3B", p_skip=0.5, share_kv=True), 2)])
+def test_compiled_decode_step_equals_uncached_and_never_recompiles(kw, rounds):
+    # the static cache's one-token step compiled whole (fullgraph, dynamo's guards without code
+    # generation): greedy tokens equal the uncached forward's, and one graph serves every position, as
+    # CUDA graphs need (the accelerator test below compiles it with inductor)
+    import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounter
+    dynamo.reset()
+    counter = CompileCounter()
+    step = torch.compile(rins.decode_step, fullgraph=True, backend=counter)
+    model = tiny_model(**kw).eval()
+    prompt = torch.randint(0, 37, (2, 3), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = greedy_uncached(model, prompt, 20, rounds)
+    assert torch.equal(model.generate(prompt, 20, temperature=0, rounds=rounds, step=step), expected)
+    assert counter.frame_count == 1  # 19 decoding steps at 19 positions, one compilation
+    dynamo.reset()
+
+def test_lm_head_loss_in_chunks_equals_the_plain_loss_and_gradients():
+    # 3 x 10 positions in chunks of 7 (the last one short), some targets ignored (-1), against
+    # F.cross_entropy over the whole float32 logits
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(3, 10, 16, generator=g), torch.randn(37, 16, generator=g)
+    targets = torch.randint(0, 37, (3, 10), generator=g)
+    targets[0, :4] = -1
+    grads = []
+    plain = lambda x, w: F.cross_entropy(F.linear(x, w).float().view(-1, 37), targets.view(-1), ignore_index=-1)
+    for loss_fn in (lambda x, w: rins.lm_head_loss(x, w, targets, 7), plain):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = loss_fn(xg, wg)
+        loss.backward()
+        grads.append((loss, xg.grad, wg.grad))
+    for chunked, plain in zip(*grads):
+        torch.testing.assert_close(chunked, plain)
+
+def test_training_forward_takes_the_chunked_loss(monkeypatch):
+    # a training forward returns the loss alone; in chunks of 5 positions it equals the plain loss over
+    # the evaluation forward's logits (no dropout: the same function)
+    monkeypatch.setattr(rins, "LOSS_CHUNK", 5)
+    model = tiny_model(signature="A3B")
+    idx = torch.randint(0, 37, (2, 12), generator=torch.Generator().manual_seed(6))
+    logits, loss = model.train()(idx, idx)
+    assert logits is None
+    eval_logits = model.eval()(idx, idx)[0]
+    torch.testing.assert_close(loss, F.cross_entropy(eval_logits.view(-1, 37), idx.view(-1)))
 
 # -----------------------------------------------------------------------------
 # compute accounting
@@ -492,15 +548,17 @@ def relative_error(a, b):
 @pytest.mark.parametrize("kw", [dict(signature="AB"), dict(signature="A3B"), dict(signature="A3B", p_skip=0.5),
                                 dict(signature="A3B", share_kv=True)])
 def test_cuda_bf16_autocast_matches_float32(accelerator, kw):
-    # bf16 has an 8-bit mantissa: logits and the loss within 2%, gradients within 5% of float32 (the
-    # same stochastic draw for both), measured as |x - x_fp32| / |x_fp32| over whole tensors
-    model = gpu_model(accelerator, **kw).train()
+    # bf16 has an 8-bit mantissa: logits (evaluation) and the training loss within 2%, gradients within 5%
+    # of float32 (the same stochastic draw for both), measured as |x - x_fp32| / |x_fp32| over whole tensors
+    model = gpu_model(accelerator, **kw)
     idx = torch.randint(0, 512, (4, 128), generator=torch.Generator().manual_seed(1)).to(accelerator)
     results = []
     for dtype in (torch.float32, torch.bfloat16):
         model.transformer.skip_rng.manual_seed(3)
         with torch.autocast(accelerator.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            logits, loss = model(idx, idx)
+            loss = model.train()(idx, idx)[1]
+            with torch.no_grad():
+                logits = model.eval()(idx, idx)[0]
         loss.backward()
         results.append((logits, loss, torch.cat([p.grad.flatten() for p in model.parameters()])))
         model.zero_grad(set_to_none=True)
@@ -545,11 +603,26 @@ def test_cuda_cached_generation_equals_uncached(accelerator, kw):
     with torch.no_grad():
         model(idx[:, :8], cache=cache)
         for t in range(8, 40):
-            logits, _ = model(idx[:, t:t + 1], cache=cache)
+            logits, _ = model(idx[:, t:t + 1], cache=cache, pos=torch.tensor([t], device=accelerator))
             torch.testing.assert_close(logits, model(idx[:, :t + 1])[0], rtol=1e-4, atol=1e-4)
     prompt = idx[:, :4]
     cached, uncached = (model.generate(prompt, 140, temperature=0, use_cache=c) for c in (True, False))
     assert cached.shape == (2, 144) and torch.equal(cached, uncached)
+
+@pytest.mark.parametrize("kw", [dict(signature="AB"), dict(signature="A3B", share_kv=True)])
+def test_cuda_compiled_decode_step_equals_uncached(accelerator, kw):
+    # the decoding step as --bench and --sample compile it (inductor; CUDA graphs on CUDA), float32:
+    # greedy tokens equal the uncached forward's, and no step after the first compiles again
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    model = gpu_model(accelerator, **kw).eval()
+    prompt = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(2)).to(accelerator)
+    with torch.no_grad():
+        expected = greedy_uncached(model, prompt, 24)
+    with dynamo.config.patch(error_on_recompile=True):
+        out = model.generate(prompt, 24, temperature=0, step=rins.compile_decode_step(accelerator))
+    assert torch.equal(out, expected)
+    dynamo.reset()
 
 # =============================================================================
 # train.py and data/prepare.py
@@ -964,7 +1037,9 @@ def test_sample_uses_the_checkpoint_and_the_rounds_asked_for(data_dir, tmp_path,
         capsys.readouterr()
         train.main(["--sample", "--ckpt", str(ckpt_path), "--data_dir", data_dir, "--start", "abc", "--rounds",
                     str(rounds), "--temperature", "1", "--num_samples", "1", "--max_new_tokens", "20"])
-        assert capsys.readouterr().out.split("\n")[0] == expected[rounds]
+        header, text = capsys.readouterr().out.split("\n")[:2]
+        assert f"A3B, schedule of 8 layer applications; rounds {rounds}" in header and "temperature 1.0" in header
+        assert text == expected[rounds]
 
 def test_greedy_generation_is_the_argmax():
     model = tiny_model(signature="A3B").eval()

@@ -861,7 +861,8 @@ def plot_curves(records, rows, path):
 # Sampling
 
 def sample(args, grid):
-    """Generate from a checkpoint with the KV cache, at --rounds rounds of the recursive block."""
+    """Generate from a checkpoint with the KV cache, at --rounds rounds of the recursive block; --compile
+    compiles the decoding step (rins.compile_decode_step)."""
     check_flags(args, ("num_samples", "top_k", "max_new_tokens"), [
         ("start", args.start, "text"), ("temperature", args.temperature >= 0, ">= 0 (0: greedy)"),
         ("rounds", args.rounds is None or args.rounds > 0, "> 0"), ("ckpt", args.ckpt, "a run's ckpt.pt")])
@@ -876,9 +877,15 @@ def sample(args, grid):
     encode, decode = codec(meta)
     torch.manual_seed((grid.seeds or [0])[0])
     x = torch.tensor([encode(args.start)], dtype=torch.long, device=device)
+    trained = model.config.recursive and model.config.recursive[1]  # the rounds as trained, if any
+    length = len(rins.layer_schedule(model.config.signature, model.config.n_layer))
+    print(f"# {args.ckpt}: {ckpt['run']['variant']}, schedule of {length} layer applications; rounds "
+          f"{args.rounds or trained or '-'}{' (as trained)' if trained and args.rounds in (None, trained) else ''}, "
+          f"temperature {args.temperature}, top_k {args.top_k}")
+    step = rins.compile_decode_step(device) if args.compile else None
     for _ in range(args.num_samples):
         with rins.autocast(device):
-            y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k, args.rounds)
+            y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k, args.rounds, step=step)
         print(decode(y[0].tolist()) + "\n" + "-" * 40)
 
 # -----------------------------------------------------------------------------
@@ -886,84 +893,147 @@ def sample(args, grid):
 # interleaved, several rounds each, and the median is reported; bench.json in --out_dir keeps it all.
 
 BENCH_VARIANTS = ["AB", "A2B", "A3B", "ABAB", "(A3B)2", "A3B:p_skip=0.5"]
+DECODE_VARIANTS = ["AB", "A3B", "A3B:share_kv=1"]
+BENCH_STEPS = 5    # training steps back to back between two synchronisations, as training runs them
+MIN_DRAWS = 20     # a stochastic row is timed over at least this many draws of its rounds
+DECODE_REPEATS = 3
 
 def bench(args):
+    """Training steps (per layer application, MFU, the loss's memory) and decoding speed; bench.json."""
     device = check_device(args.device)
-    check_flags(args, ("batch_size", "block_size", "bench_repeats", "bench_vocab", "n_head"), [
+    check_flags(args, ("batch_size", "block_size", "bench_repeats", "bench_vocab", "n_head", "max_new_tokens"), [
         ("n_layer", args.n_layer >= 4 and args.n_layer % 4 == 0, "4, 8, ... (for (A3B)2)"),
         ("n_embd", args.n_head >= 1 and args.n_embd % args.n_head == 0, "a multiple of --n_head")])
     os.makedirs(args.out_dir, exist_ok=True)
-    ctx = rins.autocast(device)
     torch.set_float32_matmul_precision("high")
-    B, T, cuda = args.batch_size, args.block_size, device.type == "cuda"
-    x, y = (torch.randint(0, args.bench_vocab, (B, T), device=device) for _ in range(2))
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     out = dict(device=name, torch=torch.__version__, cuda=torch.version.cuda, compile=args.compile,
-               batch=[B, T], n_layer=args.n_layer, n_embd=args.n_embd, vocab=args.bench_vocab)
-    print(f"{out}; median of {args.bench_repeats} interleaved rounds")
-
-    # 1. training steps (forward + backward): the time per executed layer application relative to AB
-    models = {v: bench_model(args, v, device, T) for v in BENCH_VARIANTS}
-    steps = {v: train_step_fn(m, lambda m=m: m(x, y)[1], ctx) for v, m in models.items()}
-    steps["AB, plain loop"] = train_step_fn(models["AB"], lambda: plain_loop_loss(models["AB"], x, y), ctx)
-    memory, times = {}, {v: [] for v in steps}
-    for v, step in steps.items():  # warm-up (and compilation); the peak memory of each variant alone
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        step(), step()
-        memory[v] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-    for _ in range(args.bench_repeats):  # interleaved, so drift in the machine's speed hits all alike
-        for v, step in steps.items():
-            times[v].append(timed(step, device))
-    median = {v: statistics.median(ts) for v, ts in times.items()}
-    per_app_ab, peak, out["train"] = median["AB"] / args.n_layer, rins.peak_flops(device), []
-    for v, t in median.items():
-        model = models.get(v, models["AB"])
-        with torch.no_grad(), ctx:
-            model(x, y)  # counts the executed FLOPs of one forward
-        apps = rins.expected_applications(model.config)
-        mfu = model.flops_per_token(T) * B * T / t / peak if peak else None
-        out["train"].append(dict(variant=v, signature=model.config.signature, layer_applications=apps,
-                                 ms_per_step=t * 1e3, tokens_per_s=B * T / t,
-                                 time_per_application_vs_ab=t / apps / per_app_ab,
-                                 mfu=None if model.config.p_skip else mfu,  # a stochastic step's FLOPs vary
-                                 peak_memory_gib=memory[v]))
+               batch=[args.batch_size, args.block_size], n_layer=args.n_layer, n_embd=args.n_embd,
+               vocab=args.bench_vocab)
+    print(f"{out}; median of {args.bench_repeats} interleaved rounds of {BENCH_STEPS} training steps "
+          f"(forward, backward, clip, AdamW, zero_grad) between synchronisations")
+    out["train"], out["loss"] = bench_train(args, device)
     print_table(out["train"])
-
-    # 2. generation of 512 tokens with and without the KV cache; cache bytes relative to AB's
-    out["generate"], prompt = [], torch.randint(0, args.bench_vocab, (1, 16), device=device)
-    for v, share_kv in [("AB", False), ("A3B", False), ("A3B", True)]:
-        model = bench_model(args, v, device, 16 + 512, share_kv=share_kv, compile=False).eval()
-        with torch.no_grad(), ctx:
-            model.generate(prompt, 8)  # warm-up
-            t = {cached: timed(lambda: model.generate(prompt, 512, use_cache=cached), device)
-                 for cached in (True, False)}
-            cache = model.new_cache()
-            model(prompt, cache=cache)
-        out["generate"].append(dict(model=v + " share_kv" * share_kv, tok_s_cached=512 / t[True],
-                                    tok_s_uncached=512 / t[False], speed_up=t[False] / t[True],
-                                    cache_bytes=cache.nbytes))
-    print_table(out["generate"])
+    print(f"stochastic rows: the mean over {out['train'][-1]['draws']} draws of the rounds, in rounds of "
+          f"{out['train'][-1]['draws'] // args.bench_repeats} steps\n{out['loss']['text']}")
+    write_atomic(os.path.join(args.out_dir, "bench.json"), json.dumps(out, indent=1).encode())
+    out["decode"] = bench_decode(args, device)
+    print_table(out["decode"])
     write_atomic(os.path.join(args.out_dir, "bench.json"), json.dumps(out, indent=1).encode())
     print(f"wrote {os.path.join(args.out_dir, 'bench.json')}")
     return out
 
-def bench_model(args, variant, device, block_size, share_kv=False, compile=True):
+def bench_train(args, device):
+    """Training steps of every variant, of a plain model with twice the layers (the same applications
+    as A3B, twice the parameters) and of AB's two plain forms; rows, and the LM head + loss's memory."""
+    B, T, ctx, n = args.batch_size, args.block_size, rins.autocast(device), args.n_layer
+    x, y = (torch.randint(0, args.bench_vocab, (B, T), device=device) for _ in range(2))
+    models = {v: bench_model(args, v, device, T) for v in BENCH_VARIANTS}
+    models[f"AB, {2 * n} layers"] = bench_model(args, "AB", device, T, n_layer=2 * n)
+    losses = {v: lambda m=m: m(x, y)[1] for v, m in models.items()}
+    losses["AB, plain loop"] = lambda: plain_loop_loss(models["AB"], x, y)
+    losses["AB, whole logits"] = lambda: whole_logits_loss(models["AB"], x, y)
+    model_of = lambda v: models.get(v, models["AB"])
+    steps = {v: train_step_fn(model_of(v), loss, ctx) for v, loss in losses.items()}
+    stochastic = {v for v in steps if model_of(v).config.p_skip}
+    n_steps = {v: max(BENCH_STEPS, -(-MIN_DRAWS // args.bench_repeats)) if v in stochastic else BENCH_STEPS
+               for v in steps}
+    memory, times = {}, {v: [] for v in steps}
+    for v, step in steps.items():  # warm-up (and compilation); the memory a step adds to what is allocated
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        step(), step()
+        memory[v] = (torch.cuda.max_memory_allocated(device) - before) / 2**30 if device.type == "cuda" else None
+    for _ in range(args.bench_repeats):  # interleaved, so drift in the machine's speed hits all alike
+        for v, step in steps.items():
+            times[v].append(timed(step, device, n_steps[v]))
+    return bench_rows(args, models, times, memory, n_steps, x, y, device), loss_memory(args, memory, device)
+
+def bench_rows(args, models, times, memory, n_steps, x, y, device):
+    """One row per timed step: time per layer application against AB and against the plain model with
+    the same applications (AB at n_layer or 2 n_layer layers), MFU of the executed FLOPs."""
+    B, T, n, peak, rows = args.batch_size, args.block_size, args.n_layer, rins.peak_flops(device), []
+    plain, model_of = {n: "AB", 2 * n: f"AB, {2 * n} layers"}, lambda v: models.get(v, models["AB"])
+    apps = {v: rins.expected_applications(model_of(v).config) for v in times}
+    # a stochastic row's step time is the mean over all its draws; the others', the median of the rounds
+    step_time = {v: (statistics.fmean if model_of(v).config.p_skip else statistics.median)(ts)
+                 for v, ts in times.items()}
+    per_app = {v: t / apps[v] for v, t in step_time.items()}
+    for v, t in step_time.items():
+        model = model_of(v)
+        with torch.no_grad(), rins.autocast(device):
+            model(x, y)  # counts the executed FLOPs of one forward
+        mfu = model.flops_per_token(T) * B * T / t / peak if peak and not model.config.p_skip else None
+        rows.append(dict(variant=v, layer_applications=apps[v], ms_per_step=t * 1e3, tokens_per_s=B * T / t,
+                         per_app_vs_ab=per_app[v] / per_app["AB"],
+                         per_app_vs_plain=per_app[v] / per_app[plain[apps[v]]] if apps[v] in plain else None,
+                         mfu=mfu, step_memory_gib=memory[v], draws=len(times[v]) * n_steps[v]))
+    rows.sort(key=lambda r: r["draws"])  # the stochastic rows last
+    return rows
+
+def loss_memory(args, memory, device):
+    """The LM head + loss's float32 logits whole and per chunk of rins.LOSS_CHUNK positions (bytes, by
+    arithmetic), and on CUDA the measured memory of AB's step with and without the chunks."""
+    positions = args.batch_size * args.block_size
+    whole, chunk = (p * args.bench_vocab * 4 for p in (positions, min(positions, rins.LOSS_CHUNK)))
+    text = (f"LM head + loss: float32 logits {whole / 2**20:,.1f} MiB whole, {chunk / 2**20:,.1f} MiB per chunk of "
+            f"{rins.LOSS_CHUNK} positions (arithmetic); ")
+    if device.type != "cuda":
+        return dict(whole_logits_bytes=whole, chunk_logits_bytes=chunk, text=text + "memory not measured on the CPU")
+    saved = memory["AB, whole logits"] - memory["AB"]
+    return dict(whole_logits_bytes=whole, chunk_logits_bytes=chunk, step_memory_saved_gib=saved,
+                text=text + f"measured: AB's step takes {saved:.2f} GiB less than with whole logits")
+
+def bench_decode(args, device):
+    """Greedy decoding of --max_new_tokens after 16 tokens at batch 1 and 64: eager without the cache, eager
+    with it, and the compiled step (with --compile), the median of DECODE_REPEATS interleaved rounds."""
+    rows, n = [], args.max_new_tokens
+    for v in DECODE_VARIANTS:
+        model = bench_model(args, v, device, 16 + n, compile=False).eval()
+        ways = {"eager uncached": dict(use_cache=False), "eager cached": {}}
+        if args.compile:
+            ways["compiled cached"] = dict(step=rins.compile_decode_step(device))
+        for batch in (1, 64):
+            prompt = torch.randint(0, args.bench_vocab, (batch, 16), device=device)
+            run = lambda kw, tokens: model.generate(prompt, tokens, temperature=0, **kw)
+            times = {way: [] for way in ways}
+            with rins.autocast(device):
+                for kw in ways.values():
+                    run(kw, 8)  # warm-up (and compilation)
+                for _ in range(DECODE_REPEATS):
+                    for way, kw in ways.items():
+                        times[way].append(timed(lambda: run(kw, n), device))
+            tok_s = {way: batch * n / statistics.median(ts) for way, ts in times.items()}
+            rows.append(dict(model=v, batch=batch, **{f"{w} tok/s": tok_s.get(w) for w in
+                                                      ("eager uncached", "eager cached", "compiled cached")},
+                             cached_vs_uncached=tok_s["eager cached"] / tok_s["eager uncached"],
+                             compiled_vs_uncached=tok_s["compiled cached"] / tok_s["eager uncached"]
+                             if args.compile else None))
+    return rows
+
+def bench_model(args, variant, device, block_size, compile=True, n_layer=None):
     signature, settings = rins.parse_variant(variant, VARIANT_KEYS)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=block_size, vocab_size=args.bench_vocab, n_layer=args.n_layer,
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=args.bench_vocab, n_layer=n_layer or args.n_layer,
                           n_head=args.n_head, n_embd=args.n_embd, signature=signature,
-                          share_kv=share_kv, p_skip=settings.get("p_skip", 0.0))).to(device)
+                          share_kv=settings.get("share_kv", False), p_skip=settings.get("p_skip", 0.0))).to(device)
     for block in model.transformer.h if args.compile and compile else []:
         block.compile()  # the blocks, not the walk, as in training
     return model
 
 def train_step_fn(model, loss_fn, ctx):
+    """A training step as train() runs one: forward, backward, clip, AdamW, zero_grad."""
+    optimizer = rins.adamw(model, 0.1, 1e-4, (0.9, 0.99), next(model.parameters()).device.type)
+
     def step():
         with ctx:
             loss = loss_fn()
         loss.backward()
-        model.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return step
 
 def plain_loop_loss(model, x, y):
@@ -972,17 +1042,22 @@ def plain_loop_loss(model, x, y):
     h = model.wte(x) + model.wpe(torch.arange(x.size(1), device=x.device))
     for block in model.transformer.h:
         h = block(h)[0]
-    logits = model.lm_head(model.transformer.ln_f(h))
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+    return rins.lm_head_loss(model.transformer.ln_f(h), model.lm_head.weight, y, rins.LOSS_CHUNK)
 
-def timed(fn, device):
-    """Wall time of one call of fn, the GPU's queued work included."""
+def whole_logits_loss(model, x, y):
+    """AB's loss over the whole batch's logits at once (nanoGPT's): what the chunked loss is measured against."""
+    logits = model.lm_head(model.transformer(model.wte(x) + model.wpe(torch.arange(x.size(1), device=x.device))))
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+
+def timed(fn, device, n=1):
+    """Wall time per call of n calls of fn back to back, the GPU's queued work included."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     sync()
     t0 = time.perf_counter()
-    fn()
+    for _ in range(n):
+        fn()
     sync()
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) / n
 
 def print_table(rows):
     cell = lambda k, v: ("-" if v is None else f"{v:.1%}" if k == "mfu" else f"{v:,.3f}" if type(v) is float
