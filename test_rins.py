@@ -930,7 +930,8 @@ def test_one_budget_comparison_names_the_winner_and_says_why_there_is_no_ratio(d
 
 def test_grids_are_drawn_against_the_setting_they_vary(data_dir, tmp_path):
     lr = tmp_path / "lr"
-    records = run_train(data_dir, lr, "--variants", "AB:learning_rate=0.01,AB:learning_rate=0.02", "--budget_steps", "6")
+    records = run_train(data_dir, lr, "--variants", "AB:learning_rate=0.01,AB:learning_rate=0.02",
+                        "--budget_steps", "6")
     assert train.grid_key(records) == "learning_rate" and (lr / "loss_vs_cost.png").stat().st_size > 0
     # warm-up: one folder per fraction; several folders at one budget make one grid, else the headline
     for frac in ("0.1", "0.3"):

@@ -723,7 +723,8 @@ def short(variant):
 
 def legend_below(ax, **kw):
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=7, **kw)
+        n = len(ax.get_legend_handles_labels()[0])
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2 if n <= 8 else 3, fontsize=7, **kw)
 
 def cells(records):
     """variant -> budget_steps (ascending) -> its runs (over seeds), the variants in the order of the records."""
@@ -746,7 +747,7 @@ def new_figure(panels, title):
     return fig, fig.subplots(1, panels, squeeze=False)[0]
 
 def save(fig, path):
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 def describe(records):
     r = records[0]
@@ -845,16 +846,17 @@ def plot_headline(studies, baseline, path):
 
 def grid_key(records):
     """The setting a grid varies (GRID_KEYS): runs at one budget, of one variant but for it, at two values
-    or more; None for anything else."""
+    or more; where both vary, the one with more values. None for anything else."""
     if len({r["run"]["train"]["budget_steps"] for r in records}) > 1:
         return None
+    varied = []
     for key in GRID_KEYS:
         values = {}
         for r in records:
             values.setdefault(grid_line(r, key), set()).add(r["run"]["train"][key])
         if any(len(v) > 1 for v in values.values()):
-            return key
-    return None
+            varied.append((len({r["run"]["train"][key] for r in records}), key))
+    return max(varied)[1] if varied else None
 
 def grid_line(record, key):
     """The line a run lies on in a grid of `key`: its variant but for the learning rate, and the other
