@@ -10,6 +10,7 @@ Run: python -m pytest -q test_rins.py   (the accelerator tests, -k cuda, run whe
 
 import csv
 import functools
+import glob
 import gzip
 import itertools
 import json
@@ -1583,3 +1584,36 @@ def test_train_reports_nats_above_the_floor_on_the_grammar(tmp_path, capsys):
                                                "what the repository's studies found: RESULTS.md"]
     assert (out / "loss_vs_cost.png").stat().st_size > 0
 
+
+# -----------------------------------------------------------------------------
+# the numbers RESULTS.md quotes, recomputed from the committed results (not by the code under test)
+
+def test_results_md_ratios_agree_with_the_committed_studies():
+    text = open(os.path.join(ROOT, "RESULTS.md")).read()
+    quoted = re.findall(r"^\| `([^`]+)` \| (\d+) \| (\d+) \| (\d) \| ([<>]?[0-9.]+(?: ± [0-9.]+)?) \| "
+                        r"([<>]?[0-9.]+(?: ± [0-9.]+)?) \|$", text, re.M)
+    studies = re.findall(r"^(\w+)\n\| variant \| AB steps", text, re.M)
+    assert studies == ["regime", "regime_w32", "grammar", "lm"] and len(quoted) > 40
+    cells = {}
+    for folder in studies:
+        for row in csv.DictReader(open(os.path.join(ROOT, "results", folder, "results.csv"))):
+            if row["trained"] == "True":
+                cells.setdefault((row["variant"], row["budget_steps"]), []).append(row)
+    def mean_std(g, key):  # the bound, then mean ± sample std over seeds
+        v = [float(r[key]) for r in g]
+        bound = "".join(sorted({r[key + "_bound"] for r in g}))
+        return bound + f"{np.mean(v):.2f}" + (f" ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else "")
+    for variant, budget, tokens_per_param, seeds, apps, flops in quoted:
+        g = cells[variant, budget]
+        assert (int(seeds), apps, flops) == (len(g), mean_std(g, "effective_compute"),
+                                             mean_std(g, "effective_compute_flops"))
+    # the headline's tie: p_skip 0.8 at one round minus AB, paired by seed, at 6,000 and 12,000 AB steps
+    runs = [json.load(open(p)) for p in glob.glob(os.path.join(ROOT, "results", "regime", "*", "run.json"))]
+    final = {(r["run"]["variant"], r["run"]["train"]["budget_steps"], r["run"]["train"]["seed"]):
+             {e["rounds"]: e["val_loss"] for e in r["evals"]} for r in runs}
+    d = [final[v, b, s][1] - final["AB", b, s][None] for v, b, s in final
+         if v.startswith("A3B:p_skip=0.8") and b in (6000, 12000)]
+    half = {4: 2.776}[len(d) - 1] * np.std(d, ddof=1) / math.sqrt(len(d))  # t quantile, 4 degrees of freedom
+    mean = np.mean(d)
+    signed = lambda x: f"{x:+.3f}".replace("-", "−")  # RESULTS.md writes a minus sign
+    assert f"{signed(mean)} nats pooled, with a 95% t-interval\n  of {signed(mean - half)} to {signed(mean + half)}" in text
