@@ -8,7 +8,7 @@ nanoGPT's train.py with the budget counted in executed FLOPs (or layer applicati
     torchrun --standalone --nproc_per_node=8 train.py ...  # DDP: NCCL on GPUs, gloo on CPU
 
 A variant is "SIG:key=value:..." (keys: VARIANT_KEYS); the flags give what it does not override. The
-README's "Training at the same compute" says how runs are planned.
+README's Definitions (compute accounting) say how runs are planned.
 """
 
 import argparse
@@ -75,7 +75,7 @@ def build_parser():
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--beta2", type=float, default=0.99)
     p.add_argument("--grad_clip", type=float, default=1.0, help="0: no clipping")
-    p.add_argument("--warmup_frac", type=float, default=0.2, help="warm-up, of --budget_steps (README: measured)")
+    p.add_argument("--warmup_frac", type=float, default=0.2, help="warm-up, of --budget_steps (RESULTS.md: measured)")
     p.add_argument("--cooldown_frac", type=float, default=0.2, help="of the run's own budget")
     # evaluation, checkpoints, results, the machine
     p.add_argument("--eval_points", type=int, default=10, help="evaluations and checkpoints per run")
