@@ -765,7 +765,6 @@ def plot_report(records, rows, baseline, path):
 def plot_study(records, rows, baseline, path):
     """Left: final val loss against training compute (mean ± std over seeds). Middle: final val loss against
     the rounds run at inference, at the largest budget. Right: the effective-compute ratio."""
-    from matplotlib.ticker import LogLocator
     fig, (loss, rounds, ratio) = new_figure(3, describe(records))
     style = styles(records)
     for variant, by_budget in cells(records).items():
@@ -778,8 +777,10 @@ def plot_study(records, rows, baseline, path):
     spent = [executed_flops(r) for r in records]
     loss.set(xscale="log", xlabel="training compute (FLOPs)", ylabel="final validation loss (nats/token)",
              xlim=(min(spent) / 1.5, max(spent) * 1.5))  # room around the points, at one budget too
-    loss.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-    loss.xaxis.set_minor_formatter("")
+    if max(spent) < 10 * min(spent):  # under a decade a log axis has no labelled tick: label the middle
+        middle = statistics.median(spent)
+        loss.set_xticks([middle], [f"{middle:.3g}"])
+        loss.xaxis.set_minor_formatter("")
     legend_below(loss)
     plot_rounds(rounds, records, style)
     plot_ratio(ratio, rows, baseline, style)
