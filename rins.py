@@ -636,7 +636,7 @@ def plan_budget(budget, step_cost, budget_steps, warmup_frac):
     steps: the budget over the run's expected cost per step (step_cost), [our choice] rounded to whole
     steps; target: the budget so rounded, at which the run stops. warmup_steps: a fraction of the
     *baseline's* steps, the same for every variant, so a run that takes fewer steps is not given a
-    shorter warm-up (README: measured)."""
+    shorter warm-up (RESULTS.md: measured)."""
     steps = max(1, round(budget / step_cost))
     return steps, steps * step_cost, max(1, round(warmup_frac * budget_steps))
 

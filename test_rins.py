@@ -11,6 +11,7 @@ Run: python -m pytest -q test_rins.py   (the accelerator tests, -k cuda, run whe
 import csv
 import errno
 import functools
+import glob
 import gzip
 import itertools
 import json
@@ -1010,6 +1011,32 @@ def test_report_joins_runs_of_several_invocations_and_filters(data_dir, tmp_path
     with pytest.raises(SystemExit, match="no finished runs of budget 9 in"):
         train.main(["--report", str(tmp_path), "--budget_steps", "8,9"])
 
+def test_one_budget_comparison_names_the_winner_and_says_why_there_is_no_ratio(data_dir, tmp_path, capsys):
+    records = by_variant(run_train(data_dir, tmp_path, "--variants", "AB,A2B,A3B", "--budget_steps", "8"))
+    out = capsys.readouterr().out
+    # independent: the final losses from run.json; the one-budget verdict is their difference at equal compute
+    loss = {v: r["evals"][-1 if v == "AB" else [e["rounds"] for e in r["evals"]].index(r["trained_rounds"])]
+            ["val_loss"] for v, r in records.items()}
+    assert f"A2B {loss['A2B'] - loss['AB']:+.4f}, A3B {loss['A3B'] - loss['AB']:+.4f} nats" in out
+    ranked = sorted(loss, key=loss.get)
+    assert f"{ranked[0]} won by {loss[ranked[1]] - loss[ranked[0]]:.4f} nats over {ranked[1]}" in out
+    assert "it needs the baseline AB at two budgets or more" in out and "eff. compute" not in out
+    assert out.strip().endswith("what the repository's studies found: RESULTS.md")
+    assert (tmp_path / "loss_vs_cost.png").stat().st_size > 0 and not (tmp_path / "budget_fits.json").exists()
+
+def test_grids_are_drawn_against_the_setting_they_vary(data_dir, tmp_path):
+    lr = tmp_path / "lr"
+    records = run_train(data_dir, lr, "--variants", "AB:learning_rate=0.01,AB:learning_rate=0.02",
+                        "--budget_steps", "6")
+    assert train.grid_key(records) == "learning_rate" and (lr / "loss_vs_cost.png").stat().st_size > 0
+    # warm-up: one folder per fraction; several folders at one budget make one grid, else the headline
+    for frac in ("0.1", "0.3"):
+        run_train(data_dir, tmp_path / f"w{frac}", "--variants", "AB", "--budget_steps", "6", "--warmup_frac", frac)
+    train.main(["--report", str(tmp_path / "w0.1"), str(tmp_path / "w0.3"), "--plot", str(tmp_path / "w.png")])
+    assert (tmp_path / "w.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="needs --plot"):
+        train.main(["--report", str(tmp_path / "w0.1"), str(tmp_path / "w0.3")])
+
 # -----------------------------------------------------------------------------
 # sampling
 
@@ -1648,23 +1675,42 @@ def test_train_reports_nats_above_the_floor_on_the_grammar(tmp_path, capsys):
     assert "above floor" in table and f"{r['evals'][0]['val_loss'] - floor:.4f}" in table
     row = next(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     assert float(row["above_floor"]) == pytest.approx(r["evals"][0]["val_loss"] - floor)
-    # the summary ends with where the comparison stands and where its files are, all of them written
+    # the summary ends with the paths of its files, all of them written, and where the studies are
     out = tmp_path / "out"
-    paths = f"results: {out}/results.csv, plot: {out}/loss_vs_cost.png"
-    assert table.strip().splitlines()[-2:] == [train.STANDING, paths]
+    assert table.strip().splitlines()[-2:] == [f"results: {out}/results.csv, plot: {out}/loss_vs_cost.png",
+                                               "what the repository's studies found: RESULTS.md"]
     assert (out / "loss_vs_cost.png").stat().st_size > 0
 
-def test_the_standing_line_agrees_with_the_studies_the_repository_ships():
-    # independent: recomputed from each study's results.csv (trained depth, mean over seeds per cell)
-    for folder, a3b in [("regime", "A3B:learning_rate=0.01"), ("regime_w32", "A3B"), ("grammar", "A3B")]:
-        rows = list(csv.DictReader(open(os.path.join(ROOT, "results", folder, "results.csv"))))
-        cells = {}
-        for row in rows:
-            if row["trained"] == "True" and row["variant"] != "AB":
-                cells.setdefault((row["variant"], int(row["budget_steps"])), []).append(float(row["effective_compute"]))
-        ratios = {cell: sum(values) / len(values) for cell, values in cells.items()}
-        assert max(ratios.values()) < 1  # "AB led at equal compute in every cell"
-        top = max(budget for variant, budget in ratios if variant == a3b)
-        ab_tokens_per_param = next(float(row["tokens_per_param"]) for row in rows
-                                   if row["variant"] == "AB" and int(row["budget_steps"]) == top)
-        assert f"{ratios[a3b, top]:.2f} at {ab_tokens_per_param:.0f}" in train.STANDING
+
+# -----------------------------------------------------------------------------
+# the numbers RESULTS.md quotes, recomputed from the committed results (not by the code under test)
+
+def test_results_md_ratios_agree_with_the_committed_studies():
+    text = open(os.path.join(ROOT, "RESULTS.md")).read()
+    quoted = re.findall(r"^\| `([^`]+)` \| (\d+) \| (\d+) \| (\d) \| ([<>]?[0-9.]+(?: ± [0-9.]+)?) \| "
+                        r"([<>]?[0-9.]+(?: ± [0-9.]+)?) \|$", text, re.M)
+    studies = re.findall(r"^(\w+)\n\| variant \| AB steps", text, re.M)
+    assert studies == ["regime", "regime_w32", "grammar", "lm"] and len(quoted) > 40
+    cells = {}
+    for folder in studies:
+        for row in csv.DictReader(open(os.path.join(ROOT, "results", folder, "results.csv"))):
+            if row["trained"] == "True":
+                cells.setdefault((row["variant"], row["budget_steps"]), []).append(row)
+    def mean_std(g, key):  # the bound, then mean ± sample std over seeds
+        v = [float(r[key]) for r in g]
+        bound = "".join(sorted({r[key + "_bound"] for r in g}))
+        return bound + f"{np.mean(v):.2f}" + (f" ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else "")
+    for variant, budget, tokens_per_param, seeds, apps, flops in quoted:
+        g = cells[variant, budget]
+        assert (int(seeds), apps, flops) == (len(g), mean_std(g, "effective_compute"),
+                                             mean_std(g, "effective_compute_flops"))
+    # the headline's tie: p_skip 0.8 at one round minus AB, paired by seed, at 6,000 and 12,000 AB steps
+    runs = [json.load(open(p)) for p in glob.glob(os.path.join(ROOT, "results", "regime", "*", "run.json"))]
+    final = {(r["run"]["variant"], r["run"]["train"]["budget_steps"], r["run"]["train"]["seed"]):
+             {e["rounds"]: e["val_loss"] for e in r["evals"]} for r in runs}
+    d = [final[v, b, s][1] - final["AB", b, s][None] for v, b, s in final
+         if v.startswith("A3B:p_skip=0.8") and b in (6000, 12000)]
+    half = {4: 2.776}[len(d) - 1] * np.std(d, ddof=1) / math.sqrt(len(d))  # t quantile, 4 degrees of freedom
+    mean = np.mean(d)
+    signed = lambda x: f"{x:+.3f}".replace("-", "−")  # RESULTS.md writes a minus sign
+    assert f"{signed(mean)} nats pooled, with a 95% t-interval\n  of {signed(mean - half)} to {signed(mean + half)}" in text

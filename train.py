@@ -8,7 +8,7 @@ nanoGPT's train.py with the budget counted in executed FLOPs (or layer applicati
     torchrun --standalone --nproc_per_node=8 train.py ...  # DDP: NCCL on GPUs, gloo on CPU
 
 A variant is "SIG:key=value:..." (keys: VARIANT_KEYS); the flags give what it does not override. The
-README's "Training at the same compute" says how runs are planned.
+README's Definitions (compute accounting) say how runs are planned.
 """
 
 import argparse
@@ -41,8 +41,6 @@ DEFAULT_VARIANTS = "AB,A3B,ABAB"
 EVAL_SEED = 1234  # validation batches are the same for every evaluation of every run
 VARIANT_KEYS = {**rins.MODEL_KEYS, "block_size": int, "batch_size": int, "learning_rate": float}
 LOCKS = []  # the open lock files of this process's runs: a lock lives as long as its file is open
-STANDING = ("where it stands: as trained, AB led at equal compute in every cell of the README. A3B's effective-compute "
-            "ratio: 0.52 at 210, 0.29 at 1002 tokens/param (Shakespeare, 117k, 54k params), 0.66 at 1005 (grammar)")
 
 # How one `--compare` run flows through this file, top to bottom:
 #   main            reads the flags (never changes them) and the grid: variants x budgets x seeds
@@ -63,7 +61,8 @@ def build_parser():
     mode.add_argument("--compare", action="store_true", help=f"train --variants (default {DEFAULT_VARIANTS})")
     mode.add_argument("--sample", action="store_true", help="generate text from --ckpt")
     mode.add_argument("--bench", action="store_true", help="measure speed side by side (no data needed)")
-    mode.add_argument("--report", metavar="DIR", help="the table and plot again from the runs in DIR")
+    mode.add_argument("--report", metavar="DIR", nargs="+",
+                      help="the table and plot again from the runs in DIR; several: the headline figure (--plot)")
     # data and model (the defaults: the CPU char-level model)
     p.add_argument("--dataset", default="shakespeare_char", help="made by data/prepare.py")
     p.add_argument("--data_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
@@ -105,7 +104,7 @@ def add_comparison_flags(p):
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--beta2", type=float, default=0.99)
     p.add_argument("--grad_clip", type=float, default=1.0, help="0: no clipping")
-    p.add_argument("--warmup_frac", type=float, default=0.2, help="warm-up, of --budget_steps (README: measured)")
+    p.add_argument("--warmup_frac", type=float, default=0.2, help="warm-up, of --budget_steps (RESULTS.md: measured)")
     p.add_argument("--cooldown_frac", type=float, default=0.2, help="of the run's own budget")
     # evaluation, checkpoints, results, the machine
     p.add_argument("--eval_points", type=int, default=10, help="evaluations and checkpoints per run")
@@ -265,7 +264,8 @@ def compare(args, grid):
         records.append(record)
     if setup.rank == 0:
         print_summary(records, write_results(args.out_dir, records, None, args.baseline), args.baseline)
-        print(f"{STANDING}\nresults: {args.out_dir}/results.csv, plot: {args.out_dir}/loss_vs_cost.png")
+        print(f"{outcome(records, args.baseline)}\nresults: {args.out_dir}/results.csv, plot: "
+              f"{args.out_dir}/loss_vs_cost.png\nwhat the repository's studies found: RESULTS.md")
     if ddp:
         dist.destroy_process_group()
     return records
@@ -734,25 +734,29 @@ def budget_fits(records, n_boot=200):
     return [dict(variant=v, budgets=sorted(b), **rins.law_across_budgets(list(b.values()), n_boot))
             for v, b in by_variant.items() if len(b) >= 3]
 
+NO_RATIO = "no effective-compute ratio: it needs the baseline {} at two budgets or more, and these runs have fewer"
+
 def print_summary(records, fits, baseline):
     """The table of every variant, budget and depth over seeds (mean ± std with several seeds; an
     effective-compute ratio beyond the baseline's budgets is a bound, marked > or <), then the laws."""
-    groups = {}
-    for row in result_rows(records, baseline):
+    rows, groups = result_rows(records, baseline), {}
+    for row in rows:
         groups.setdefault((row["variant"], row["budget_steps"], row["rounds"]), []).append(row)
-    floor = records[0]["floor"] is not None
-    lines = [["variant", "lr", "budget", "rounds", "apps", "seeds", "steps", "epochs", "tok/param",
-              "val_loss", *["above floor"] * floor, "eff. compute", "wall_s", "MFU"]]
+    floor, ratio = records[0]["floor"] is not None, rows[0]["effective_compute"] is not None
+    in_flops = ratio and any(row["budget_unit"] != "flops" for row in rows)  # older runs: both units
+    lines = [["variant", "lr", "budget", "rounds", "apps", "seeds", "steps", "epochs", "tok/param", "val_loss",
+              *["above floor"] * floor, *["eff. compute"] * ratio, *["in FLOPs"] * in_flops, "wall_s", "MFU"]]
     for (variant, budget, rounds), g in groups.items():
-        bound = "".join(sorted({row["effective_compute_bound"] for row in g}))
         mean = lambda key, spec: mean_std(g, key, spec, std=False)
+        bounded = lambda key: "".join(sorted({row[key + "_bound"] for row in g})) + mean_std(g, key, ".2f")
         lines.append([variant, f"{g[0]['learning_rate']:g}", str(budget), str(rounds or "-"),
                       str(g[0]["eval_applications"]), str(len(g)), mean("steps", ".0f"),
                       mean("epochs", ".3f"), mean("tokens_per_param", ".1f"), mean_std(g, "val_loss", ".4f"),
-                      *[mean_std(g, "above_floor", ".4f")] * floor,
-                      bound + mean_std(g, "effective_compute", ".2f"), mean("wall_s", ".0f"),
-                      mean("mfu", ".1%")])
+                      *[mean_std(g, "above_floor", ".4f")] * floor, *[bounded("effective_compute")] * ratio,
+                      *[bounded("effective_compute_flops")] * in_flops, mean("wall_s", ".0f"), mean("mfu", ".1%")])
     print(text_table(lines))
+    if not ratio:
+        print(NO_RATIO.format(baseline))
     for f in fits:
         print(f"law across budgets {','.join(map(str, f['budgets']))}, loss = beta * cost^(-c) + eps_inf "
               f"(± bootstrap std over seeds): {f['variant']}: c {f['c']:.3f} ± {f['c_std']:.3f}, "
@@ -770,33 +774,70 @@ def text_table(lines):
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
+def outcome(records, baseline):
+    """What this comparison found, in two lines: who won at equal compute at its largest budget and by how much."""
+    rows = [row for row in result_rows(records, baseline) if row["trained"]]
+    if baseline not in {row["variant"] for row in rows}:
+        return f"no {baseline} runs here: add it to --variants to compare at equal compute"
+    top = max(row["budget_steps"] for row in rows if row["variant"] == baseline)
+    cells = {}
+    for row in rows:
+        if row["budget_steps"] == top:
+            cells.setdefault(row["variant"], []).append(row)
+    others = [v for v in cells if v != baseline]
+    if not others:
+        return f"only {baseline} ran at {top} {baseline} steps: nothing to compare"
+    where = f"at {top} {baseline} steps ({ab_tokens_per_param(rows, baseline, top):.0f} tokens per parameter)"
+    if cells[baseline][0]["effective_compute"] is None:  # one budget: the losses at equal compute
+        loss = {v: statistics.fmean(row["val_loss"] for row in g) for v, g in cells.items()}
+        best = min(loss, key=loss.get)
+        gaps = ", ".join(f"{v} {loss[v] - loss[baseline]:+.4f}" for v in others)
+        runner_up = min((v for v in loss if v != best), key=loss.get)
+        return (f"{where}, final val loss minus {baseline}'s at equal compute: {gaps} nats; {best} won by "
+                f"{loss[runner_up] - loss[best]:.4f} nats over {runner_up}\n"
+                + NO_RATIO.format(baseline) + " (e.g. --budget_steps 600,1200)")
+    ratio = {v: statistics.fmean(row["effective_compute_flops"] for row in cells[v]) for v in others}
+    best = max(ratio, key=ratio.get)
+    winner = (f"{best} won: {baseline} needs {ratio[best]:.2f}x its compute to match it" if ratio[best] > 1 else
+              f"{baseline} won: it reaches the loss of the best other, {best}, with {ratio[best]:.2f}x its compute")
+    listed = ", ".join(f"{v} {ratio[v]:.2f}" for v in others)
+    return f"{where}, effective-compute ratio in FLOPs against {baseline} (> 1: ahead): {listed}\n{winner}"
+
+def ab_tokens_per_param(rows, baseline, budget_steps):
+    """The budget in the baseline's training tokens per parameter (the x of every ratio plot)."""
+    row = next(row for row in rows if row["variant"] == baseline)
+    return budget_steps * row["tokens"] / row["steps"] / row["n_params"]
+
 def write_results(out_dir, records, plot_path, baseline):
-    """results.csv (one row per run x depth), budget_fits.json and the plot; returns the fits."""
+    """results.csv (one row per run x depth), budget_fits.json (where a law was fitted) and the plot; returns
+    the fits."""
     rows, fits, table = result_rows(records, baseline), budget_fits(records), io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(os.path.join(out_dir, "results.csv"), table.getvalue().encode())
-    write_atomic(os.path.join(out_dir, "budget_fits.json"), json.dumps(fits, indent=1).encode())
-    plot_curves(records, rows, plot_path or os.path.join(out_dir, "loss_vs_cost.png"))
+    fits_path = os.path.join(out_dir, "budget_fits.json")
+    if fits:
+        write_atomic(fits_path, json.dumps(fits, indent=1).encode())
+    elif os.path.exists(fits_path):  # an earlier, larger set of runs had one: it no longer describes these
+        os.remove(fits_path)
+    plot_report(records, rows, baseline, plot_path or os.path.join(out_dir, "loss_vs_cost.png"))
     return fits
 
 def report(args, grid):
     """The results files, table and plot again from the finished runs of a folder, without training;
-    --variants and --budget_steps select runs, the baseline's at every budget (plot: DIR/report.png)."""
-    records = [read_json(path) for path in sorted(glob.glob(os.path.join(args.report, "*", "run.json")))]
-    require(records, f"no finished runs (<run>/run.json) in {args.report}")
+    --variants and --budget_steps select runs, the baseline's at every budget (plot: DIR/report.png).
+    Several folders: the headline figure, one panel of effective-compute ratios per study (or their grid)."""
+    if len(args.report) > 1:
+        return report_folders(args)
+    folder = args.report[0]
+    records = read_runs(folder)
     variants = grid.variants or sorted({r["run"]["variant"] for r in records})
     budgets = grid.budget_steps or sorted({r["run"]["train"]["budget_steps"] for r in records})
     found = {r["run"]["variant"] for r in records} | {f"budget {r['run']['train']['budget_steps']}" for r in records}
     missing = [v for v in variants + [f"budget {b}" for b in budgets] if v not in found]
-    require(not missing, f"no finished runs of {', '.join(missing)} in {args.report}")
-    # a variant's runs are averaged over seeds and read across budgets: they may differ in nothing else
-    settings = {}
-    for r in records:
-        s = [r["run"]["model"], {**r["run"]["train"], "seed": 0, "budget_steps": 0, "budget": 0, "warmup_steps": 0}]
-        require(settings.setdefault(r["run"]["variant"], s) == s,
-                f"{args.report} holds runs of {r['run']['variant']} with other settings: report them apart")
+    require(not missing, f"no finished runs of {', '.join(missing)} in {folder}")
+    check_settings(records, folder)
     # the baseline stays at every budget: the effective-compute ratios read its whole curve
     records = [r for r in records if r["run"]["variant"] == args.baseline
                or (r["run"]["variant"] in variants and r["run"]["train"]["budget_steps"] in budgets)]
@@ -804,58 +845,245 @@ def report(args, grid):
     records.sort(key=lambda r: (keep.index(r["run"]["variant"]), r["run"]["train"]["budget_steps"],
                                 r["run"]["train"]["seed"]))
     subset = grid.variants or grid.budget_steps
-    plot = args.plot or os.path.join(args.report, "report.png" if subset else "loss_vs_cost.png")
+    plot = args.plot or os.path.join(folder, "report.png" if subset else "loss_vs_cost.png")
     if subset:
         fits = budget_fits(records)
-        plot_curves(records, result_rows(records, args.baseline), plot)
+        plot_report(records, result_rows(records, args.baseline), args.baseline, plot)
     else:
-        fits = write_results(args.report, records, plot, args.baseline)
+        fits = write_results(folder, records, plot, args.baseline)
     print_summary(records, fits, args.baseline)
     print(f"plot: {plot}")
     return records
 
-def plot_curves(records, rows, path):
-    """Means over seeds (bands, bars: ± std). Left: val loss vs training cost, per variant and budget.
-    Middle: final val loss vs inference cost at each depth: a recursive model at rounds 1 sits at the
-    baseline's cost ("no regret"), at r + 1 beyond its training. Right: effective compute vs tokens
-    per parameter."""
-    from matplotlib.figure import Figure  # no pyplot: no display, no global state
-    fig = Figure(figsize=(19, 4.8))
-    left, middle, right = fig.subplots(1, 3)
-    variants = list(dict.fromkeys(r["run"]["variant"] for r in records))
-    groups = {}  # (variant, budget) -> the runs over seeds
+def read_runs(folder):
+    records = [read_json(path) for path in sorted(glob.glob(os.path.join(folder, "*", "run.json")))]
+    require(records, f"no finished runs (<run>/run.json) in {folder}")
+    return records
+
+def check_settings(records, folder):
+    """A variant's runs are averaged over seeds and read across budgets: they may differ in nothing else."""
+    settings = {}
     for r in records:
-        groups.setdefault((r["run"]["variant"], r["run"]["train"]["budget_steps"]), []).append(r)
-    for (variant, budget), runs in groups.items():
-        i = variants.index(variant)
-        style = dict(color=f"C{i % 10}", linestyle="--" if i >= 10 else "-")
-        n = min(len(r["curve"]) for r in runs)  # stochastic runs may log a point more or less
-        cost = np.mean([[p["cost"] for p in r["curve"][:n]] for r in runs], axis=0)
-        loss = np.array([[p["val_loss"] for p in r["curve"][:n]] for r in runs])
-        first = budget == min(b for v, b in groups if v == variant)
-        left.plot(cost, loss.mean(0), marker="o", ms=3, label=variant if first else None, **style)
-        if len(runs) > 1:
-            mean, band = loss.mean(0), loss.std(0, ddof=1)
-            left.fill_between(cost, mean - band, mean + band, color=style["color"], alpha=0.15)
-        apps = [e["eval_applications"] for e in runs[0]["evals"]]
-        final = np.array([[e["val_loss"] for e in r["evals"]] for r in runs])
-        middle.errorbar(apps, final.mean(0), yerr=final.std(0, ddof=1) if len(runs) > 1 else None,
-                        marker="o", ms=4, capsize=3, **style)
-        if len(apps) == 1:  # a model without rounds: a level line to read the others against
-            middle.axhline(final.mean(), color=style["color"], linewidth=0.8, linestyle=":")
-        trained = [row for row in rows if row["trained"] and row["run"] in {r["run"]["name"] for r in runs}]
-        if trained[0]["effective_compute"] is not None:
-            y = [row["effective_compute"] for row in trained]
-            x = statistics.fmean(row["tokens_per_param"] for row in trained)
-            right.errorbar(x, np.mean(y), yerr=np.std(y, ddof=1) if len(y) > 1 else None, marker="o", ms=4,
-                           capsize=3, **style)
-    left.set(xscale="log", xlabel="training cost (layer applications x tokens)", ylabel="validation loss")
-    left.legend(fontsize=8)
-    middle.set(xlabel="inference cost (layer applications per token): rounds 1, r, r+1", ylabel="final validation loss")
-    right.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
-    right.set(xscale="log", xlabel="training tokens per parameter",
-              ylabel="effective-compute ratio (> 1: ahead of the baseline)")
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+        s = [r["run"]["model"], {**r["run"]["train"], "seed": 0, "budget_steps": 0, "budget": 0, "warmup_steps": 0}]
+        require(settings.setdefault(r["run"]["variant"], s) == s,
+                f"{folder} holds runs of {r['run']['variant']} with other settings: report them apart")
+
+def report_folders(args):
+    """Several folders: their runs at one budget varying a setting are one grid (e.g. the warm-up folders);
+    else each folder is a study, and the figure is the headline: one panel of effective-compute ratios each."""
+    require(args.plot, "--report with several folders needs --plot (where the figure goes)")
+    studies = {folder: read_runs(folder) for folder in args.report}
+    for folder, runs in studies.items():
+        check_settings(runs, folder)
+    records = [r for runs in studies.values() for r in runs]
+    if grid_key(records):
+        plot_grid(records, grid_key(records), args.plot)
+    else:
+        plot_headline(studies, args.baseline, args.plot)
+        for folder, runs in studies.items():
+            print(f"{folder}:\n{outcome(runs, args.baseline)}")
+    print(f"plot: {args.plot}")
+    return records
+
+# -----------------------------------------------------------------------------
+# Figures: each answers one question. A layout (signature and stochastic rounds) has one colour and marker,
+# the same in every figure; the variants of one layout (other adapters, rate, batch) differ in line style.
+
+LAYOUT_STYLES = {"AB": ("black", "o"), "A2B": ("tab:blue", "s"), "A3B": ("tab:red", "^"), "A4B": ("tab:olive", ">"),
+                 "ABAB": ("tab:green", "D"), "(A3B)2": ("tab:brown", "X"), "AB3": ("tab:pink", "<"),
+                 "A3B p_skip 0.5": ("tab:orange", "v"), "A3B p_skip 0.8": ("tab:purple", "P")}
+OTHER_STYLE = ("tab:gray", "*")
+LINE_STYLES = ("-", "--", ":", "-.")
+GRID_KEYS = {"learning_rate": "learning rate", "warmup_frac": "warm-up (fraction of the AB budget)"}
+
+def layout(record):
+    model = GPTConfig(**record["run"]["model"])
+    return model.signature + (f" p_skip {model.p_skip:g}" if model.p_skip else "")
+
+def styles(records):
+    """variant -> its layout's colour and marker, and a line style of its own within the layout: solid for
+    the variant with the most runs."""
+    runs, seen, out = {}, {}, {}
+    for r in records:
+        runs.setdefault(r["run"]["variant"], []).append(r)
+    for variant, group in sorted(runs.items(), key=lambda item: -len(item[1])):
+        colour, marker = LAYOUT_STYLES.get(layout(group[0]), OTHER_STYLE)
+        n = seen[layout(group[0])] = seen.get(layout(group[0]), -1) + 1
+        out[variant] = dict(color=colour, marker=marker, linestyle=LINE_STYLES[n % len(LINE_STYLES)])
+    return out
+
+def short(variant):
+    return variant.replace("learning_rate=", "lr=")
+
+def legend_below(ax, **kw):
+    if ax.get_legend_handles_labels()[0]:
+        n = len(ax.get_legend_handles_labels()[0])
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2 if n <= 8 else 3, fontsize=7, **kw)
+
+def cells(records):
+    """variant -> budget_steps (ascending) -> its runs (over seeds), the variants in the order of the records."""
+    out = {}
+    for r in records:
+        out.setdefault(r["run"]["variant"], {}).setdefault(r["run"]["train"]["budget_steps"], []).append(r)
+    return {variant: dict(sorted(by_budget.items())) for variant, by_budget in out.items()}
+
+def seeds(groups):
+    n = sorted({len(g) for g in groups})
+    return f"seeds: {n[0]}" + (f"-{n[-1]}" if len(n) > 1 else "")
+
+def spread(values):
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+def new_figure(panels, title):
+    from matplotlib.figure import Figure  # no pyplot: no display, no global state
+    fig = Figure(figsize=(5.6 * panels + 1, 5.2), layout="constrained")
+    fig.suptitle(title, fontsize=10)
+    return fig, fig.subplots(1, panels, squeeze=False)[0]
+
+def save(fig, path):
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+
+def describe(records):
+    r = records[0]
+    m = GPTConfig(**r["run"]["model"])
+    return f"{r['run']['train']['dataset']}, {m.n_layer} layers x {m.n_embd}, {r['n_params'] / 1000:.3g}k parameters"
+
+def plot_report(records, rows, baseline, path):
+    """A folder's figure: its grid (a setting varied at one budget) or its study across budgets."""
+    key = grid_key(records)
+    if key:
+        plot_grid(records, key, path)
+    else:
+        plot_study(records, rows, baseline, path)
+
+def plot_study(records, rows, baseline, path):
+    """Left: final val loss against training compute (mean ± std over seeds). Middle: final val loss against
+    the rounds run at inference, at the largest budget. Right: the effective-compute ratio."""
+    fig, (loss, rounds, ratio) = new_figure(3, describe(records))
+    style = styles(records)
+    for variant, by_budget in cells(records).items():
+        flops = [statistics.fmean(executed_flops(r) for r in runs) for runs in by_budget.values()]
+        final = [[trained_loss(r) for r in runs] for runs in by_budget.values()]
+        loss.errorbar(flops, [np.mean(f) for f in final], yerr=[spread(f) for f in final], capsize=3, ms=5,
+                      label=f"{short(variant)} ({seeds(final)})", **style[variant])
+    if records[0]["floor"] is not None:
+        loss.axhline(records[0]["floor"], color="grey", linestyle="--", linewidth=1, label="exact floor (entropy)")
+    spent = [executed_flops(r) for r in records]
+    loss.set(xscale="log", xlabel="training compute (FLOPs)", ylabel="final validation loss (nats/token)",
+             xlim=(min(spent) / 1.5, max(spent) * 1.5))  # room around the points, at one budget too
+    if max(spent) < 10 * min(spent):  # under a decade a log axis has no labelled tick: label the middle
+        middle = statistics.median(spent)
+        loss.set_xticks([middle], [f"{middle:.3g}"])
+        loss.xaxis.set_minor_formatter("")
+    legend_below(loss)
+    plot_rounds(rounds, records, style)
+    plot_ratio(ratio, rows, baseline, style)
+    save(fig, path)
+
+def plot_rounds(ax, records, style):
+    """The largest budget's final val loss at each rounds run at inference: a flat line is a model without
+    rounds (the level to read the others against); rounds 1 of a recursive model costs what AB does."""
+    top = max(r["run"]["train"]["budget_steps"] for r in records)
+    for variant, by_budget in cells(records).items():
+        runs = by_budget.get(top)
+        if runs:
+            x = [e["rounds"] or 1 for e in runs[0]["evals"]]
+            final = np.array([[e["val_loss"] for e in r["evals"]] for r in runs])
+            if len(x) == 1:
+                ax.axhline(final.mean(), color=style[variant]["color"], linestyle=":", linewidth=1)
+            ax.errorbar(x, final.mean(0), yerr=final.std(0, ddof=1) if len(runs) > 1 else None, capsize=3,
+                        ms=5, **style[variant])
+    ax.set(xlabel="rounds of the recursive block at inference", ylabel="final validation loss (nats/token)",
+           title=f"at the largest budget ({top} AB steps); dotted: a model without rounds", xticks=range(1, 6))
+    ax.title.set_fontsize(9)
+
+def plot_ratio(ax, rows, baseline, style, title=None):
+    """The effective-compute ratio in FLOPs at each budget (x: the budget's baseline tokens per parameter),
+    mean ± std over seeds; dashed: stochastic layouts evaluated at one round; open markers: bounds."""
+    if rows[0]["effective_compute_flops"] is None:
+        ax.text(0.5, 0.5, NO_RATIO.format(baseline).replace(": ", ":\n", 1).replace(", and", ",\nand"),
+                ha="center", va="center", transform=ax.transAxes, fontsize=9)
+        ax.set(xticks=[], yticks=[], title=title)
+        return
+    lines = {}  # (variant, rounds 1?) -> budget -> rows over seeds
+    for row in rows:
+        stochastic_one = row["rounds"] == 1 and "p_skip" in row["variant"]
+        if row["variant"] != baseline and (row["trained"] or stochastic_one):
+            lines.setdefault((row["variant"], not row["trained"]), {}).setdefault(row["budget_steps"], []).append(row)
+    for (variant, one_round), by_budget in lines.items():
+        by_budget = dict(sorted(by_budget.items()))
+        x = [ab_tokens_per_param(rows, baseline, b) for b in by_budget]
+        y = [[row["effective_compute_flops"] for row in g] for g in by_budget.values()]
+        s = {**style[variant], "linestyle": "--" if one_round else "-"}
+        ax.errorbar(x, [np.mean(v) for v in y], yerr=[spread(v) for v in y], capsize=3, ms=5,
+                    label=short(variant) + (" at 1 round" if one_round else ""), **s)
+        bound = [any(row["effective_compute_flops_bound"] for row in g) for g in by_budget.values()]
+        ax.plot([a for a, b in zip(x, bound) if b], [np.mean(v) for v, b in zip(y, bound) if b], linestyle="",
+                marker=s["marker"], ms=7, color=s["color"], markerfacecolor="white", zorder=3)
+    ax.axhline(1.0, color="grey", linewidth=1, linestyle=":")
+    ax.set(xscale="log", xlabel=f"budget: {baseline}'s training tokens per parameter",
+           ylabel=f"effective-compute ratio in FLOPs (> 1: ahead of {baseline})", title=title)
+    ticks = sorted({ab_tokens_per_param(rows, baseline, row["budget_steps"]) for row in rows})
+    ax.set_xticks(ticks, [f"{t:.0f}" for t in ticks], minor=False)
+    ax.set_xticks([], minor=True)
+    legend_below(ax, title="open marker: a bound, beyond the baseline's budgets", title_fontsize=7)
+
+def plot_headline(studies, baseline, path):
+    """One panel per study folder: does recursion pay at equal training compute, and how does it move with
+    the tokens each parameter sees?"""
+    fig, axes = new_figure(len(studies), "effective-compute ratio against AB at equal training FLOPs "
+                           "(mean ± std over seeds)")
+    style = styles([r for records in studies.values() for r in records])
+    for ax, (folder, records) in zip(axes, studies.items()):
+        plot_ratio(ax, result_rows(records, baseline), baseline, style, f"{folder}: {describe(records)}")
+        ax.title.set_fontsize(9)
+    save(fig, path)
+
+def grid_key(records):
+    """The setting a grid varies (GRID_KEYS): runs at one budget, of one variant but for it, at two values
+    or more; where both vary, the one with more values. None for anything else."""
+    if len({r["run"]["train"]["budget_steps"] for r in records}) > 1:
+        return None
+    varied = []
+    for key in GRID_KEYS:
+        values = {}
+        for r in records:
+            values.setdefault(grid_line(r, key), set()).add(r["run"]["train"][key])
+        if any(len(v) > 1 for v in values.values()):
+            varied.append((len({r["run"]["train"][key] for r in records}), key))
+    return max(varied)[1] if varied else None
+
+def grid_line(record, key):
+    """The line a run lies on in a grid of `key`: its variant but for the learning rate, and the other
+    grid setting's value."""
+    other = next(k for k in GRID_KEYS if k != key)
+    return re.sub(r":learning_rate=[^:]*", "", record["run"]["variant"]), record["run"]["train"][other]
+
+def plot_grid(records, key, path):
+    """Final val loss against the grid's setting, one line per variant (mean ± std over seeds)."""
+    budget = records[0]["run"]["train"]["budget_steps"]
+    fig, (ax,) = new_figure(1, f"{describe(records)}, {budget} AB steps")
+    lines, style = {}, styles(records)
+    for r in records:
+        lines.setdefault(grid_line(r, key), {}).setdefault(r["run"]["train"][key], []).append(r)
+    other = next(k for k in GRID_KEYS if k != key)
+    several = len({o for _, o in lines}) > 1
+    dashes = {}  # lines of one layout: one line style each
+    for (name, value), by_x in sorted(lines.items()):
+        x = sorted(by_x)
+        final = [[trained_loss(r) for r in by_x[v]] for v in x]
+        first = by_x[x[0]][0]
+        n = dashes[layout(first)] = dashes.get(layout(first), -1) + 1
+        label = short(name) + (f", {GRID_KEYS[other].split(' (')[0]} {value:g}" if several else "")
+        label += f" ({seeds(final)})"
+        ax.errorbar(x, [np.mean(f) for f in final], yerr=[spread(f) for f in final], capsize=3, ms=5,
+                    label=label, **{**style[first["run"]["variant"]], "linestyle": LINE_STYLES[n % len(LINE_STYLES)]})
+    ax.set(xscale="log", xlabel=GRID_KEYS[key], ylabel="final validation loss (nats/token)")
+    values = sorted({r["run"]["train"][key] for r in records})
+    ax.set_xticks(values, [f"{v:g}" for v in values], minor=False)
+    ax.set_xticks([], minor=True)
+    legend_below(ax)
+    save(fig, path)
 
 # -----------------------------------------------------------------------------
 # Sampling
