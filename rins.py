@@ -24,7 +24,6 @@ import inspect
 import math
 import re
 
-import numpy as np
 from dataclasses import dataclass
 
 import torch
@@ -679,81 +678,3 @@ def parse_device(name):
     if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"{name!r}: this machine has {torch.cuda.device_count()} CUDA devices, numbered from 0")
     return d
-
-# dense bf16 tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name()
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-                   "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}  # V100, T4: no bf16 tensor cores
-
-def peak_flops(device):
-    """The device's dense bf16 peak, for MFU; None on CPU or for an unknown GPU."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-# -----------------------------------------------------------------------------
-# When recursion pays: the data scaling law and the effective-compute ratio
-
-def fit_scaling_law(x, y):
-    """Least-squares fit of loss = beta * x^(-c) + eps_inf (the paper's data scaling law) with numpy only.
-
-    For a fixed eps_inf the law is a line in log-log space, log(loss - eps_inf) = log(beta) - c log(x),
-    fitted exactly; eps_inf in [0, min(loss)) is chosen as the one whose line fits the losses best
-    (squared error), on a grid refined by golden-section search. Keeping eps_inf in that range is
-    what makes the fit well posed on short curves (else c -> 0 with beta and -eps_inf -> infinity).
-    """
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-
-    def fit(eps):
-        slope, intercept = np.polyfit(np.log(x), np.log(y - eps), 1)
-        beta, c = math.exp(intercept), -float(slope)
-        return float(np.sum((beta * x ** -c + eps - y) ** 2)), beta, c
-
-    grid = y.min() * (1 - np.logspace(-6, 0, 300))  # from just below min(loss) down to 0
-    i = int(np.argmin([fit(eps)[0] for eps in grid]))
-    lo, hi = grid[min(i + 1, len(grid) - 1)], grid[max(i - 1, 0)]
-    golden = (math.sqrt(5) - 1) / 2
-    for _ in range(80):
-        e1, e2 = hi - golden * (hi - lo), lo + golden * (hi - lo)
-        if fit(e1)[0] < fit(e2)[0]:
-            hi = e2
-        else:
-            lo = e1
-    eps_inf = (lo + hi) / 2
-    sse, beta, c = fit(eps_inf)
-    return dict(beta=beta, c=c, eps_inf=float(eps_inf), rmse=math.sqrt(sse / len(x)))
-
-def law_across_budgets(budgets, n_boot=200):
-    """The law fitted across budgets: budgets holds, per budget, the (cost, final loss) of its runs
-    (its seeds), each the end of a full LR schedule. Uncertainty: the std over a bootstrap that
-    resamples each budget's runs with replacement, so it sees the spread over seeds and only it."""
-    rng = np.random.default_rng(0)
-    law = lambda points: fit_scaling_law(*zip(*points))
-    fit = law([p for runs in budgets for p in runs])
-    boot = [law([runs[i] for runs in budgets for i in rng.integers(len(runs), size=len(runs))]) for _ in range(n_boot)]
-    return dict(beta=fit["beta"], c=fit["c"], eps_inf=fit["eps_inf"], c_std=float(np.std([b["c"] for b in boot])),
-                eps_inf_std=float(np.std([b["eps_inf"] for b in boot])))
-
-def effective_compute(loss, cost, baseline):
-    """The effective-compute ratio: the training compute at which the baseline reaches `loss`, over `cost`.
-
-    baseline: (budget, final loss) of the baseline's runs, several seeds at several budgets, each run
-    the end of a full schedule; the losses of one budget are averaged (over seeds). The compute is interpolated
-    linearly in log compute between the two budgets whose losses bracket `loss`, on the baseline's
-    running best (the first budget that reaches it). Above 1: the variant beats the baseline at equal
-    compute. Outside the baseline's range the ratio is only a bound: returns (the ratio at the nearest
-    end, ">" or "<"), else (ratio, "").
-    """
-    by_cost = {}
-    for c, l in baseline:
-        by_cost.setdefault(c, []).append(l)
-    costs = sorted(by_cost)
-    best = np.minimum.accumulate([np.mean(by_cost[c]) for c in costs])
-    if loss <= best[-1]:
-        return costs[-1] / cost, ">" if loss < best[-1] else ""
-    if loss >= best[0]:
-        return costs[0] / cost, "<" if loss > best[0] else ""
-    i = int(np.argmax(best <= loss))  # the first budget at or below the loss; best[i - 1] is above it
-    w = (best[i - 1] - loss) / (best[i - 1] - best[i])
-    return math.exp((1 - w) * math.log(costs[i - 1]) + w * math.log(costs[i])) / cost, ""

@@ -485,7 +485,7 @@ def test_flops_per_token_by_hand():
         model(idx)
         kept = model.transformer.applications // 2 - 2  # middle rounds that ran, 2 layers each
         assert model.flops_per_token(T) == hand(4 + 2 * kept, 1 + kept, 0)
-    assert rins.peak_flops("cpu") is None
+    assert train.peak_flops("cpu") is None
 
 # -----------------------------------------------------------------------------
 # training
@@ -930,10 +930,10 @@ def test_prepare_splits_by_work_and_is_idempotent(tmp_path, capsys):
 
 def test_scaling_law_fit_recovers_known_parameters():
     x = np.logspace(6, 10, 12)
-    fit = rins.fit_scaling_law(x, 40 * x ** -0.3 + 1.5)
+    fit = train.fit_scaling_law(x, 40 * x ** -0.3 + 1.5)
     assert (fit["beta"], fit["c"], fit["eps_inf"]) == pytest.approx((40, 0.3, 1.5), rel=1e-6)
     noise = 1 + 0.001 * np.random.default_rng(0).standard_normal(len(x))
-    fit = rins.fit_scaling_law(x, (40 * x ** -0.3 + 1.5) * noise)
+    fit = train.fit_scaling_law(x, (40 * x ** -0.3 + 1.5) * noise)
     assert fit["c"] == pytest.approx(0.3, rel=0.1) and fit["eps_inf"] == pytest.approx(1.5, rel=0.02)
 
 def test_law_across_budgets_uses_final_losses_as_trained_and_skips_short_sweeps():
@@ -958,17 +958,17 @@ def test_effective_compute_ratio_by_hand():
     # the baseline's final losses at three budgets, two seeds each (their mean: 2.5, 3.0, 2.0)
     baseline = [(2e6, 2.4), (1e6, 3.1), (4e6, 2.0), (2e6, 2.6), (1e6, 2.9), (4e6, 2.0)]
     # 2.25 lies halfway between 2.5 and 2.0, so halfway between 2e6 and 4e6 in log compute: sqrt(8e12)
-    assert rins.effective_compute(2.25, 1e6, baseline) == (pytest.approx(math.sqrt(8e12) / 1e6), "")
-    assert rins.effective_compute(2.75, 2e6, baseline) == (pytest.approx(math.sqrt(2e12) / 2e6), "")
-    assert rins.effective_compute(2.5, 2e6, baseline) == (pytest.approx(1.0), "")  # the baseline itself
+    assert train.effective_compute(2.25, 1e6, baseline) == (pytest.approx(math.sqrt(8e12) / 1e6), "")
+    assert train.effective_compute(2.75, 2e6, baseline) == (pytest.approx(math.sqrt(2e12) / 2e6), "")
+    assert train.effective_compute(2.5, 2e6, baseline) == (pytest.approx(1.0), "")  # the baseline itself
     # beyond the baseline's budgets the ratio is only a bound, taken at the nearest end
-    assert rins.effective_compute(1.9, 1e6, baseline) == (pytest.approx(4.0), ">")
-    assert rins.effective_compute(3.2, 2e6, baseline) == (pytest.approx(0.5), "<")
+    assert train.effective_compute(1.9, 1e6, baseline) == (pytest.approx(4.0), ">")
+    assert train.effective_compute(3.2, 2e6, baseline) == (pytest.approx(0.5), "<")
     # a baseline that gets worse with more compute (repeating its data): the first budget that reaches
     # the loss counts; 2.4 is 3/4 of the way from 3.0 to 2.2, so 1e6 * 2 ** 0.75
     worse = [(1e6, 3.0), (2e6, 2.2), (4e6, 2.6)]
-    assert rins.effective_compute(2.4, 1e6, worse) == (pytest.approx(2 ** 0.75), "")
-    assert rins.effective_compute(2.3, 1e6, worse)[0] < rins.effective_compute(2.25, 1e6, worse)[0] <= 2.0
+    assert train.effective_compute(2.4, 1e6, worse) == (pytest.approx(2 ** 0.75), "")
+    assert train.effective_compute(2.3, 1e6, worse)[0] < train.effective_compute(2.25, 1e6, worse)[0] <= 2.0
 
 # -----------------------------------------------------------------------------
 # --report: results again from the run files of several invocations

@@ -414,6 +414,18 @@ def check_device(name):
     except ValueError as e:
         raise SystemExit(f"error: --device: {e}")
 
+# dense bf16 tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name()
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+                   "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}  # V100, T4: no bf16 tensor cores
+
+def peak_flops(device):
+    """The device's dense bf16 peak, for MFU; None on CPU or for an unknown GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
 def get_batch(data, ix, block_size, device):
     """Inputs and next-token targets for the sequences starting at positions ix of a token memmap.
 
@@ -663,7 +675,7 @@ def finish(run, tr, setup):
     # the record: what ran (steps, tokens, executed cost and FLOPs) beside what was planned; tokens per
     # parameter, the x axis of data scaling; the time spent training (evaluations left out) and the model
     # FLOPs utilisation on a GPU with a known peak; the dataset's entropy floor where it has one (grammar)
-    p, peak, n_params = tr.progress, rins.peak_flops(setup.device), tr.model.get_num_params()
+    p, peak, n_params = tr.progress, peak_flops(setup.device), tr.model.get_num_params()
     return dict(run=asdict(run), trained_rounds=r, steps=p["step"], planned_steps=tr.steps,
                 tokens=p["tokens"], epochs=p["tokens"] / len(setup.train_data),
                 tokens_per_param=p["tokens"] / n_params, cost=p["cost"], target=tr.target, flops=p["flops"],
@@ -674,6 +686,73 @@ def finish(run, tr, setup):
 
 # -----------------------------------------------------------------------------
 # Results: effective compute, the scaling law across budgets, the table, files and the plot
+#
+# When recursion pays: the effective-compute ratio (how much more compute the baseline needs to reach a
+# variant's loss) and the paper's data scaling law fitted across budgets.
+
+def fit_scaling_law(x, y):
+    """Least-squares fit of loss = beta * x^(-c) + eps_inf (the paper's data scaling law) with numpy only.
+
+    For a fixed eps_inf the law is a line in log-log space, log(loss - eps_inf) = log(beta) - c log(x),
+    fitted exactly; eps_inf in [0, min(loss)) is chosen as the one whose line fits the losses best
+    (squared error), on a grid refined by golden-section search. Keeping eps_inf in that range is
+    what makes the fit well posed on short curves (else c -> 0 with beta and -eps_inf -> infinity).
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+    def fit(eps):
+        slope, intercept = np.polyfit(np.log(x), np.log(y - eps), 1)
+        beta, c = math.exp(intercept), -float(slope)
+        return float(np.sum((beta * x ** -c + eps - y) ** 2)), beta, c
+
+    grid = y.min() * (1 - np.logspace(-6, 0, 300))  # from just below min(loss) down to 0
+    i = int(np.argmin([fit(eps)[0] for eps in grid]))
+    lo, hi = grid[min(i + 1, len(grid) - 1)], grid[max(i - 1, 0)]
+    golden = (math.sqrt(5) - 1) / 2
+    for _ in range(80):
+        e1, e2 = hi - golden * (hi - lo), lo + golden * (hi - lo)
+        if fit(e1)[0] < fit(e2)[0]:
+            hi = e2
+        else:
+            lo = e1
+    eps_inf = (lo + hi) / 2
+    sse, beta, c = fit(eps_inf)
+    return dict(beta=beta, c=c, eps_inf=float(eps_inf), rmse=math.sqrt(sse / len(x)))
+
+def law_across_budgets(budgets, n_boot=200):
+    """The law fitted across budgets: budgets holds, per budget, the (cost, final loss) of its runs
+    (its seeds), each the end of a full LR schedule. Uncertainty: the std over a bootstrap that
+    resamples each budget's runs with replacement, so it sees the spread over seeds and only it."""
+    rng = np.random.default_rng(0)
+    law = lambda points: fit_scaling_law(*zip(*points))
+    fit = law([p for runs in budgets for p in runs])
+    boot = [law([runs[i] for runs in budgets for i in rng.integers(len(runs), size=len(runs))]) for _ in range(n_boot)]
+    return dict(beta=fit["beta"], c=fit["c"], eps_inf=fit["eps_inf"], c_std=float(np.std([b["c"] for b in boot])),
+                eps_inf_std=float(np.std([b["eps_inf"] for b in boot])))
+
+def effective_compute(loss, cost, baseline):
+    """The effective-compute ratio: the training compute at which the baseline reaches `loss`, over `cost`.
+
+    baseline: (budget, final loss) of the baseline's runs, several seeds at several budgets, each run
+    the end of a full schedule; the losses of one budget are averaged (over seeds). The compute is interpolated
+    linearly in log compute between the two budgets whose losses bracket `loss`, on the baseline's
+    running best (the first budget that reaches it). Above 1: the variant beats the baseline at equal
+    compute. Outside the baseline's range the ratio is only a bound: returns (the ratio at the nearest
+    end, ">" or "<"), else (ratio, "").
+    """
+    by_cost = {}
+    for c, l in baseline:
+        by_cost.setdefault(c, []).append(l)
+    costs = sorted(by_cost)
+    best = np.minimum.accumulate([np.mean(by_cost[c]) for c in costs])
+    if loss <= best[-1]:
+        return costs[-1] / cost, ">" if loss < best[-1] else ""
+    if loss >= best[0]:
+        return costs[0] / cost, "<" if loss > best[0] else ""
+    i = int(np.argmax(best <= loss))  # the first budget at or below the loss; best[i - 1] is above it
+    w = (best[i - 1] - loss) / (best[i - 1] - best[i])
+    return math.exp((1 - w) * math.log(costs[i - 1]) + w * math.log(costs[i])) / cost, ""
+
 
 def trained_loss(record):
     return next(e["val_loss"] for e in record["evals"] if e["rounds"] == record["trained_rounds"])
@@ -709,8 +788,8 @@ def result_rows(records, baseline):
         t = r["run"]["train"]
         flops = executed_flops(r)
         for e in r["evals"]:
-            ratio, bound = rins.effective_compute(e["val_loss"], r["cost"], curve) if curve else (None, "")
-            flops_ratio, flops_bound = (rins.effective_compute(e["val_loss"], flops, flops_curve) if curve
+            ratio, bound = effective_compute(e["val_loss"], r["cost"], curve) if curve else (None, "")
+            flops_ratio, flops_bound = (effective_compute(e["val_loss"], flops, flops_curve) if curve
                                         else (None, ""))
             rows.append(dict(
                 run=r["run"]["name"], variant=r["run"]["variant"], learning_rate=t["learning_rate"],
@@ -731,7 +810,7 @@ def budget_fits(records, n_boot=200):
     for r in records:
         by_budget = by_variant.setdefault(r["run"]["variant"], {})
         by_budget.setdefault(r["run"]["train"]["budget_steps"], []).append((r["cost"], trained_loss(r)))
-    return [dict(variant=v, budgets=sorted(b), **rins.law_across_budgets(list(b.values()), n_boot))
+    return [dict(variant=v, budgets=sorted(b), **law_across_budgets(list(b.values()), n_boot))
             for v, b in by_variant.items() if len(b) >= 3]
 
 NO_RATIO = "no effective-compute ratio: it needs the baseline {} at two budgets or more, and these runs have fewer"
@@ -1182,7 +1261,7 @@ def bench_train(args, device):
 def bench_rows(args, models, times, memory, n_steps, x, y, device):
     """One row per timed step: time per layer application against AB and against the plain model with
     the same applications (AB at n_layer or 2 n_layer layers), MFU of the executed FLOPs."""
-    B, T, n, peak, rows = args.batch_size, args.block_size, args.n_layer, rins.peak_flops(device), []
+    B, T, n, peak, rows = args.batch_size, args.block_size, args.n_layer, peak_flops(device), []
     plain, model_of = {n: "AB", 2 * n: f"AB, {2 * n} layers"}, lambda v: models.get(v, models["AB"])
     apps = {v: rins.expected_applications(model_of(v).config) for v in times}
     # a stochastic row's step time is the mean over all its draws; the others', the median of the rounds
