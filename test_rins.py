@@ -55,6 +55,7 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -1043,6 +1044,65 @@ def test_grids_are_drawn_against_the_setting_they_vary(data_dir, tmp_path):
     assert (tmp_path / "w.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="needs --plot"):
         train.main(["--report", str(tmp_path / "w0.1"), str(tmp_path / "w0.3")])
+
+def test_a_study_of_older_runs_extends_with_runs_scored_at_every_depth(data_dir, tmp_path, capsys):
+    # older runs: run.json without budget_unit (applications, then), scored at rounds 1, r and r + 1 only
+    run_train(data_dir, tmp_path, "--variants", "AB,A3B", "--budget_steps", "8,16", "--budget_unit", "applications")
+    for path in tmp_path.glob("*/run.json"):
+        record = json.loads(path.read_text())
+        del record["run"]["train"]["budget_unit"]
+        record["evals"] = [e for e in record["evals"] if e["rounds"] != 2]
+        path.write_text(json.dumps(record))
+    # the remake command adds a seed: the older runs are reused (the same settings), the new ones scored at 1..r+1
+    run_train(data_dir, tmp_path, "--variants", "AB,A3B", "--budget_steps", "8,16", "--seeds", "0,1",
+              "--budget_unit", "applications", "--resume")
+    capsys.readouterr()
+    records = train.main(["--report", str(tmp_path)])
+    table = capsys.readouterr().out
+    a3b = {r["run"]["train"]["seed"]: {e["rounds"]: e["val_loss"] for e in r["evals"]} for r in records
+           if r["run"]["name"].startswith("A3B_b16")}
+    assert sorted(a3b[0]) == [1, 3, 4] and sorted(a3b[1]) == [1, 2, 3, 4]
+    cells = [re.split(r"\s{2,}", line) for line in table.splitlines()]
+    rows = {(c[0], c[2], c[3]): c for c in cells if len(c) > 9}  # variant, budget, rounds
+    for rounds, seeds in ((1, [0, 1]), (2, [1]), (3, [0, 1]), (4, [0, 1])):  # each depth: the seeds that have it
+        row = rows["A3B", "16", str(rounds)]
+        assert row[5] == str(len(seeds)) and row[9].startswith(f"{np.mean([a3b[s][rounds] for s in seeds]):.4f}")
+    # the rounds panel averages the seeds at the rounds both have
+    ax = new_axes()
+    train.plot_rounds(ax, records, train.styles(records))
+    line = next(l for l in ax.lines if l.get_color() == "tab:red" and len(l.get_xdata()) > 1)
+    assert list(line.get_xdata()) == [1, 3, 4]
+    assert np.allclose(line.get_ydata(), [np.mean([a3b[s][k] for s in (0, 1)]) for k in (1, 3, 4)])
+    # --seeds selects, the baseline with it at every budget
+    assert [r["run"]["name"] for r in train.main(["--report", str(tmp_path), "--seeds", "1"])] == [
+        "A3B_b8_s1", "A3B_b16_s1", "AB_b8_s1", "AB_b16_s1"]
+
+def new_axes():
+    from matplotlib.figure import Figure
+    return Figure().subplots()
+
+def test_report_refuses_a_folder_of_two_budget_units(data_dir, tmp_path):
+    # AB in applications, A3B in FLOPs: a ratio would read A3B's FLOPs on AB's curve of applications
+    run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "8,16", "--budget_unit", "applications")
+    run_train(data_dir, tmp_path, "--variants", "A3B", "--budget_steps", "8", "--budget_unit", "flops")
+    for folders in ([str(tmp_path)], [str(tmp_path), str(tmp_path)]):
+        with pytest.raises(SystemExit, match=r"^error: .* mixes budgets in applications and flops, .*: report them"):
+            train.main(["--report", *folders, "--plot", str(tmp_path / "x.png")])
+
+def test_the_ratio_figure_tells_variants_of_a_layout_apart_and_labels_small_budgets():
+    record = lambda variant, signature: {"run": {"variant": variant, "model": asdict(tiny_config(signature=signature))}}
+    records = [record("A3B", "A3B"), record("A3B", "A3B"), record("A3B:batch_size=16", "A3B"), record("AB", "AB")]
+    style = train.styles(records)
+    # one layout, one colour and marker; the variant drawn as a lone point still stands apart by its fill
+    assert style["A3B"]["color"] == style["A3B:batch_size=16"]["color"]
+    assert style["A3B"]["fillstyle"] == "full" != style["A3B:batch_size=16"]["fillstyle"] != "none"
+    # budgets of 0.25, 0.5 and 52 AB tokens per parameter (budget_steps x 10 tokens per step / 1,000 parameters)
+    rows = [dict(variant=v, rounds=None, trained=True, budget_steps=b, tokens=10 * b, steps=b, n_params=1000,
+                 effective_compute_flops=0.5, effective_compute_flops_bound="")
+            for v in ("AB", "A3B") for b in (25, 50, 5200)]
+    ax = new_axes()
+    train.plot_ratio(ax, rows, "AB", style)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.25", "0.5", "52"]
 
 # -----------------------------------------------------------------------------
 # the numbers RESULTS.md quotes, recomputed from the committed results
