@@ -54,6 +54,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 
@@ -1192,6 +1193,19 @@ def broken_run(tmp_path, name, content):
     (tmp_path / "out" / "AB_b12_s0" / name).write_bytes(content)
     return ["--resume"]
 
+@functools.cache
+def finished_run(data_dir):
+    """The run.json of a finished tiny AB run at 12 steps (the bad-input test's budget), trained once."""
+    out = tempfile.mkdtemp()
+    run_train(data_dir, out, "--budget_steps", "12")
+    return open(os.path.join(out, "AB_b12_s0", "run.json")).read()
+
+def report_folder(tmp_path, data_dir, run_json=None):
+    """tmp_path/runs: a folder holding one run.json, a finished run's unless given."""
+    (tmp_path / "runs" / "AB_b12_s0").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "runs" / "AB_b12_s0" / "run.json").write_text(run_json or finished_run(data_dir))
+    return str(tmp_path / "runs")
+
 def some_file(tmp_path, content):
     (tmp_path / "file").write_bytes(content)
     return str(tmp_path / "file")
@@ -1255,6 +1269,17 @@ BAD_TRAIN_INPUTS = {
     # --report, --bench
     "report over a damaged run.json": (lambda tmp, d: ["--report", str(tmp / "out")] + broken_run(tmp, "run.json", b"["),
                                        "is not readable JSON"),
+    "report over another program's run.json": (lambda tmp, d: ["--report", report_folder(tmp, d, '{"a": 1}')],
+                                                "run.json is not a train.py run record"),
+    "report a seed it lacks": (lambda tmp, d: ["--report", report_folder(tmp, d), "--seeds", "5"],
+                               "no finished runs of seed 5 in"),
+    "report against a baseline it lacks": (lambda tmp, d: ["--report", report_folder(tmp, d), "--baseline", "ZZ"],
+                                           "--baseline ZZ: "),
+    "compare against a baseline it lacks": (lambda tmp, d: ["--variants", "AB,A3B", "--baseline", "ZZ"],
+                                            "--baseline ZZ is none of the variants (A3B, AB)"),
+    "report several folders, a subset": (lambda tmp, d: ["--report", report_folder(tmp, d), report_folder(tmp, d),
+                                                          "--plot", str(tmp / "x.png"), "--variants", "AB"],
+                                         "select runs of one folder"),
     "bench repeats 0": (lambda tmp, d: ["--bench", "--bench_repeats", "0"], "--bench_repeats must be >= 1"),
     "bench batch 0": (lambda tmp, d: ["--bench", "--batch_size", "0"], "--batch_size must be >= 1"),
 }
