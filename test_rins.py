@@ -1108,25 +1108,57 @@ def test_the_ratio_figure_tells_variants_of_a_layout_apart_and_labels_small_budg
 # -----------------------------------------------------------------------------
 # the numbers RESULTS.md quotes, recomputed from the committed results
 
+def committed_ratios(folder):
+    """(variant, budget_steps) -> (AB's tokens per parameter, [(ratio, bound)] in applications, the same in FLOPs),
+    from the run.json files alone, written out apart from train.effective_compute: the baseline AB's final loss,
+    averaged over seeds at each budget, its running best, the compute at a loss read between the two budgets
+    that bracket it, linearly in log compute; beyond AB's budgets, the ratio at the nearest end as a bound."""
+    runs = [json.load(open(p)) for p in glob.glob(os.path.join(ROOT, "results", folder, "*", "run.json"))]
+    final = lambda r: next(e["val_loss"] for e in r["evals"] if e["rounds"] == r["trained_rounds"])
+    ab = [r for r in runs if r["run"]["variant"] == "AB"]
+    # the FLOPs a run executed: the accounting itself is tested under "compute accounting"
+    flops = {r["run"]["name"]: train.executed_flops(r) for r in runs}
+    def ratio(loss, cost, compute):  # compute: a run -> its training compute
+        costs = sorted({compute(r) for r in ab})
+        best = np.minimum.accumulate([np.mean([final(r) for r in ab if compute(r) == c]) for c in costs])
+        if loss <= best[-1] or loss >= best[0]:
+            end = -1 if loss <= best[-1] else 0
+            return costs[end] / cost, "" if loss == best[end] else ">" if end else "<"
+        i = next(i for i, b in enumerate(best) if b <= loss)
+        w = (best[i - 1] - loss) / (best[i - 1] - best[i])
+        return math.exp(math.log(costs[i - 1]) + w * (math.log(costs[i]) - math.log(costs[i - 1]))) / cost, ""
+    out = {}
+    for r in runs:
+        budget = r["run"]["train"]["budget_steps"]
+        per_param = np.mean([a["tokens_per_param"] for a in ab if a["run"]["train"]["budget_steps"] == budget])
+        cell = out.setdefault((r["run"]["variant"], budget), (per_param, [], []))
+        cell[1].append(ratio(final(r), r["cost"], lambda a: a["target"]))
+        cell[2].append(ratio(final(r), flops[r["run"]["name"]], lambda a: flops[a["run"]["name"]]))
+    return out
+
 def test_results_md_ratios_agree_with_the_committed_studies():
     text = open(os.path.join(ROOT, "RESULTS.md")).read()
     quoted = re.findall(r"^\| `([^`]+)` \| (\d+) \| (\d+) \| (\d) \| ([<>]?[0-9.]+(?: ± [0-9.]+)?) \| "
                         r"([<>]?[0-9.]+(?: ± [0-9.]+)?) \|$", text, re.M)
     studies = re.findall(r"^(\w+)\n\| variant \| AB steps", text, re.M)
     assert studies == ["regime", "regime_w32", "grammar", "lm"] and len(quoted) > 40
-    cells = {}
-    for folder in studies:
-        for row in csv.DictReader(open(os.path.join(ROOT, "results", folder, "results.csv"))):
-            if row["trained"] == "True":
-                cells.setdefault((row["variant"], row["budget_steps"]), []).append(row)
-    def mean_std(g, key):  # the bound, then mean ± sample std over seeds
-        v = [float(r[key]) for r in g]
-        bound = "".join(sorted({r[key + "_bound"] for r in g}))
+    cells = {key: cell for folder in studies for key, cell in committed_ratios(folder).items()}
+    def mean_std(ratios):  # the bound, then mean ± sample std over seeds
+        v = [x for x, _ in ratios]
+        bound = "".join(sorted({b for _, b in ratios}))
         return bound + f"{np.mean(v):.2f}" + (f" ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else "")
     for variant, budget, tokens_per_param, seeds, apps, flops in quoted:
-        g = cells[variant, budget]
-        assert (int(seeds), apps, flops) == (len(g), mean_std(g, "effective_compute"),
-                                             mean_std(g, "effective_compute_flops"))
+        per_param, in_apps, in_flops = cells[variant, int(budget)]
+        assert (int(seeds), apps, flops) == (len(in_apps), mean_std(in_apps), mean_std(in_flops))
+        assert round(per_param) == int(tokens_per_param)
+    # README's headline: A3B at 0.45-0.55 on Shakespeare (4 x 48 and 4 x 32) up to 214 AB tokens per parameter,
+    # and under a third (AB needs over three times its compute) at 1,002
+    found = " ".join(open(os.path.join(ROOT, "README.md")).read().split("## What we found")[1].split("##")[0].split())
+    assert "0.45-0.55" in found and "1,002" in found and "three times" in found
+    a3b = [(per_param, np.mean([x for x, _ in in_flops])) for folder, name in (("regime", "A3B:learning_rate=0.01"),
+           ("regime_w32", "A3B")) for (v, _), (per_param, _, in_flops) in committed_ratios(folder).items() if v == name]
+    assert len([x for x in a3b if x[0] < 215]) == 7 and all(0.45 <= round(r, 2) <= 0.55 for t, r in a3b if t < 215)
+    assert [r < 1 / 3 for t, r in a3b if round(t) == 1002] == [True]
     # the headline's tie: p_skip 0.8 at one round minus AB, paired by seed, at 6,000 and 12,000 AB steps
     runs = [json.load(open(p)) for p in glob.glob(os.path.join(ROOT, "results", "regime", "*", "run.json"))]
     final = {(r["run"]["variant"], r["run"]["train"]["budget_steps"], r["run"]["train"]["seed"]):

@@ -1358,6 +1358,8 @@ def bench_decode(args, device):
         model = bench_model(args, v, device, 16 + n, compile=False).eval()
         ways = {"eager uncached": dict(use_cache=False), "eager cached": {}}
         if args.compile:
+            # [known cost] generate makes a new cache per call, so on CUDA "reduce-overhead" may record the
+            # step's graph again for each call's new cache addresses: one recording per timed call, not per token
             ways["compiled cached"] = dict(step=rins.compile_decode_step(device))
         for batch in (1, 64):
             prompt = torch.randint(0, args.bench_vocab, (batch, 16), device=device)
