@@ -919,14 +919,12 @@ def write_results(out_dir, records, plot_path, baseline):
 
 def report(args, grid):
     """The results files, table and plot again from the finished runs of a folder, without training;
-    --variants and --budget_steps select runs, the baseline's at every budget (plot: DIR/report.png).
+    --variants, --budget_steps and --seeds select runs (select_runs; plot: DIR/report.png).
     Several folders: the headline figure, one panel of effective-compute ratios per study (or their grid)."""
     if len(args.report) > 1:
         return report_folders(args)
     folder = args.report[0]
-    records = read_runs(folder)
-    check_settings(records, folder)
-    records = select_runs(records, grid, args.baseline, folder)
+    records = select_runs(read_runs(folder), grid, args.baseline, folder)
     baseline = args.baseline or BASELINE
     subset = grid.variants or grid.budget_steps or grid.seeds
     plot = args.plot or os.path.join(folder, "report.png" if subset else "loss_vs_cost.png")
@@ -954,6 +952,7 @@ def select_runs(records, grid, named, folder):
     require(not missing, f"no finished runs of {', '.join(missing)} in {folder}")
     require(named in names + [None], f"--baseline {named}: {folder} has no runs of it (its variants: "
             f"{', '.join(names)})")
+    check_settings(records, folder)  # the whole folder: what is missing is said first, then what conflicts
     baseline = named or BASELINE
     records = [r for r in records if seed(r) in seeds
                and (variant(r) == baseline or (variant(r) in variants and budget(r) in budgets))]
