@@ -54,7 +54,9 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -1044,8 +1046,95 @@ def test_grids_are_drawn_against_the_setting_they_vary(data_dir, tmp_path):
     with pytest.raises(SystemExit, match="needs --plot"):
         train.main(["--report", str(tmp_path / "w0.1"), str(tmp_path / "w0.3")])
 
+def test_a_study_of_older_runs_extends_with_runs_scored_at_every_depth(data_dir, tmp_path, capsys):
+    # older runs: run.json without budget_unit (applications, then), scored at rounds 1, r and r + 1 only
+    run_train(data_dir, tmp_path, "--variants", "AB,A3B", "--budget_steps", "8,16", "--budget_unit", "applications")
+    for path in tmp_path.glob("*/run.json"):
+        record = json.loads(path.read_text())
+        del record["run"]["train"]["budget_unit"]
+        record["evals"] = [e for e in record["evals"] if e["rounds"] != 2]
+        path.write_text(json.dumps(record))
+    # the remake command adds a seed: the older runs are reused (the same settings), the new ones scored at 1..r+1
+    run_train(data_dir, tmp_path, "--variants", "AB,A3B", "--budget_steps", "8,16", "--seeds", "0,1",
+              "--budget_unit", "applications", "--resume")
+    capsys.readouterr()
+    records = train.main(["--report", str(tmp_path)])
+    table = capsys.readouterr().out
+    a3b = {r["run"]["train"]["seed"]: {e["rounds"]: e["val_loss"] for e in r["evals"]} for r in records
+           if r["run"]["name"].startswith("A3B_b16")}
+    assert sorted(a3b[0]) == [1, 3, 4] and sorted(a3b[1]) == [1, 2, 3, 4]
+    cells = [re.split(r"\s{2,}", line) for line in table.splitlines()]
+    rows = {(c[0], c[2], c[3]): c for c in cells if len(c) > 9}  # variant, budget, rounds
+    for rounds, seeds in ((1, [0, 1]), (2, [1]), (3, [0, 1]), (4, [0, 1])):  # each depth: the seeds that have it
+        row = rows["A3B", "16", str(rounds)]
+        assert row[5] == str(len(seeds)) and row[9].startswith(f"{np.mean([a3b[s][rounds] for s in seeds]):.4f}")
+    # the rounds panel averages the seeds at the rounds both have
+    ax = new_axes()
+    train.plot_rounds(ax, records, train.styles(records))
+    line = next(l for l in ax.lines if l.get_color() == "tab:red" and len(l.get_xdata()) > 1)
+    assert list(line.get_xdata()) == [1, 3, 4]
+    assert np.allclose(line.get_ydata(), [np.mean([a3b[s][k] for s in (0, 1)]) for k in (1, 3, 4)])
+    # --seeds selects, the baseline with it at every budget
+    assert [r["run"]["name"] for r in train.main(["--report", str(tmp_path), "--seeds", "1"])] == [
+        "A3B_b8_s1", "A3B_b16_s1", "AB_b8_s1", "AB_b16_s1"]
+
+def new_axes():
+    from matplotlib.figure import Figure
+    return Figure().subplots()
+
+def test_report_refuses_a_folder_of_two_budget_units(data_dir, tmp_path):
+    # AB in applications, A3B in FLOPs: a ratio would read A3B's FLOPs on AB's curve of applications
+    run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "8,16", "--budget_unit", "applications")
+    run_train(data_dir, tmp_path, "--variants", "A3B", "--budget_steps", "8", "--budget_unit", "flops")
+    for folders in ([str(tmp_path)], [str(tmp_path), str(tmp_path)]):
+        with pytest.raises(SystemExit, match=r"^error: .* mixes budgets in applications and flops, .*: report them"):
+            train.main(["--report", *folders, "--plot", str(tmp_path / "x.png")])
+
+def test_the_ratio_figure_tells_variants_of_a_layout_apart_and_labels_small_budgets():
+    record = lambda variant, signature: {"run": {"variant": variant, "model": asdict(tiny_config(signature=signature))}}
+    records = [record("A3B", "A3B"), record("A3B", "A3B"), record("A3B:batch_size=16", "A3B"), record("AB", "AB")]
+    style = train.styles(records)
+    # one layout, one colour and marker; the variant drawn as a lone point still stands apart by its fill
+    assert style["A3B"]["color"] == style["A3B:batch_size=16"]["color"]
+    assert style["A3B"]["fillstyle"] == "full" != style["A3B:batch_size=16"]["fillstyle"] != "none"
+    # budgets of 0.25, 0.5 and 52 AB tokens per parameter (budget_steps x 10 tokens per step / 1,000 parameters)
+    rows = [dict(variant=v, rounds=None, trained=True, budget_steps=b, tokens=10 * b, steps=b, n_params=1000,
+                 effective_compute_flops=0.5, effective_compute_flops_bound="")
+            for v in ("AB", "A3B") for b in (25, 50, 5200)]
+    ax = new_axes()
+    train.plot_ratio(ax, rows, "AB", style)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.25", "0.5", "52"]
+
 # -----------------------------------------------------------------------------
 # the numbers RESULTS.md quotes, recomputed from the committed results
+
+def committed_ratios(folder):
+    """(variant, budget_steps) -> (AB's tokens per parameter, [(ratio, bound)] in applications, the same in FLOPs),
+    from the run.json files alone, written out apart from train.effective_compute: the baseline AB's final loss,
+    averaged over seeds at each budget, its running best, the compute at a loss read between the two budgets
+    that bracket it, linearly in log compute; beyond AB's budgets, the ratio at the nearest end as a bound."""
+    runs = [json.load(open(p)) for p in glob.glob(os.path.join(ROOT, "results", folder, "*", "run.json"))]
+    final = lambda r: next(e["val_loss"] for e in r["evals"] if e["rounds"] == r["trained_rounds"])
+    ab = [r for r in runs if r["run"]["variant"] == "AB"]
+    # the FLOPs a run executed: the accounting itself is tested under "compute accounting"
+    flops = {r["run"]["name"]: train.executed_flops(r) for r in runs}
+    def ratio(loss, cost, compute):  # compute: a run -> its training compute
+        costs = sorted({compute(r) for r in ab})
+        best = np.minimum.accumulate([np.mean([final(r) for r in ab if compute(r) == c]) for c in costs])
+        if loss <= best[-1] or loss >= best[0]:
+            end = -1 if loss <= best[-1] else 0
+            return costs[end] / cost, "" if loss == best[end] else ">" if end else "<"
+        i = next(i for i, b in enumerate(best) if b <= loss)
+        w = (best[i - 1] - loss) / (best[i - 1] - best[i])
+        return math.exp(math.log(costs[i - 1]) + w * (math.log(costs[i]) - math.log(costs[i - 1]))) / cost, ""
+    out = {}
+    for r in runs:
+        budget = r["run"]["train"]["budget_steps"]
+        per_param = np.mean([a["tokens_per_param"] for a in ab if a["run"]["train"]["budget_steps"] == budget])
+        cell = out.setdefault((r["run"]["variant"], budget), (per_param, [], []))
+        cell[1].append(ratio(final(r), r["cost"], lambda a: a["target"]))
+        cell[2].append(ratio(final(r), flops[r["run"]["name"]], lambda a: flops[a["run"]["name"]]))
+    return out
 
 def test_results_md_ratios_agree_with_the_committed_studies():
     text = open(os.path.join(ROOT, "RESULTS.md")).read()
@@ -1053,19 +1142,23 @@ def test_results_md_ratios_agree_with_the_committed_studies():
                         r"([<>]?[0-9.]+(?: ± [0-9.]+)?) \|$", text, re.M)
     studies = re.findall(r"^(\w+)\n\| variant \| AB steps", text, re.M)
     assert studies == ["regime", "regime_w32", "grammar", "lm"] and len(quoted) > 40
-    cells = {}
-    for folder in studies:
-        for row in csv.DictReader(open(os.path.join(ROOT, "results", folder, "results.csv"))):
-            if row["trained"] == "True":
-                cells.setdefault((row["variant"], row["budget_steps"]), []).append(row)
-    def mean_std(g, key):  # the bound, then mean ± sample std over seeds
-        v = [float(r[key]) for r in g]
-        bound = "".join(sorted({r[key + "_bound"] for r in g}))
+    cells = {key: cell for folder in studies for key, cell in committed_ratios(folder).items()}
+    def mean_std(ratios):  # the bound, then mean ± sample std over seeds
+        v = [x for x, _ in ratios]
+        bound = "".join(sorted({b for _, b in ratios}))
         return bound + f"{np.mean(v):.2f}" + (f" ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else "")
     for variant, budget, tokens_per_param, seeds, apps, flops in quoted:
-        g = cells[variant, budget]
-        assert (int(seeds), apps, flops) == (len(g), mean_std(g, "effective_compute"),
-                                             mean_std(g, "effective_compute_flops"))
+        per_param, in_apps, in_flops = cells[variant, int(budget)]
+        assert (int(seeds), apps, flops) == (len(in_apps), mean_std(in_apps), mean_std(in_flops))
+        assert round(per_param) == int(tokens_per_param)
+    # README's headline: A3B at 0.45-0.55 on Shakespeare (4 x 48 and 4 x 32) up to 214 AB tokens per parameter,
+    # and under a third (AB needs over three times its compute) at 1,002
+    found = " ".join(open(os.path.join(ROOT, "README.md")).read().split("## What we found")[1].split("##")[0].split())
+    assert "0.45-0.55" in found and "1,002" in found and "three times" in found
+    a3b = [(per_param, np.mean([x for x, _ in in_flops])) for folder, name in (("regime", "A3B:learning_rate=0.01"),
+           ("regime_w32", "A3B")) for (v, _), (per_param, _, in_flops) in committed_ratios(folder).items() if v == name]
+    assert len([x for x in a3b if x[0] < 215]) == 7 and all(0.45 <= round(r, 2) <= 0.55 for t, r in a3b if t < 215)
+    assert [r < 1 / 3 for t, r in a3b if round(t) == 1002] == [True]
     # the headline's tie: p_skip 0.8 at one round minus AB, paired by seed, at 6,000 and 12,000 AB steps
     runs = [json.load(open(p)) for p in glob.glob(os.path.join(ROOT, "results", "regime", "*", "run.json"))]
     final = {(r["run"]["variant"], r["run"]["train"]["budget_steps"], r["run"]["train"]["seed"]):
@@ -1132,6 +1225,19 @@ def broken_run(tmp_path, name, content):
     (tmp_path / "out" / "AB_b12_s0" / name).write_bytes(content)
     return ["--resume"]
 
+@functools.cache
+def finished_run(data_dir):
+    """The run.json of a finished tiny AB run at 12 steps (the bad-input test's budget), trained once."""
+    out = tempfile.mkdtemp()
+    run_train(data_dir, out, "--budget_steps", "12")
+    return open(os.path.join(out, "AB_b12_s0", "run.json")).read()
+
+def report_folder(tmp_path, data_dir, run_json=None):
+    """tmp_path/runs: a folder holding one run.json, a finished run's unless given."""
+    (tmp_path / "runs" / "AB_b12_s0").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "runs" / "AB_b12_s0" / "run.json").write_text(run_json or finished_run(data_dir))
+    return str(tmp_path / "runs")
+
 def some_file(tmp_path, content):
     (tmp_path / "file").write_bytes(content)
     return str(tmp_path / "file")
@@ -1195,6 +1301,17 @@ BAD_TRAIN_INPUTS = {
     # --report, --bench
     "report over a damaged run.json": (lambda tmp, d: ["--report", str(tmp / "out")] + broken_run(tmp, "run.json", b"["),
                                        "is not readable JSON"),
+    "report over another program's run.json": (lambda tmp, d: ["--report", report_folder(tmp, d, '{"a": 1}')],
+                                                "run.json is not a train.py run record"),
+    "report a seed it lacks": (lambda tmp, d: ["--report", report_folder(tmp, d), "--seeds", "5"],
+                               "no finished runs of seed 5 in"),
+    "report against a baseline it lacks": (lambda tmp, d: ["--report", report_folder(tmp, d), "--baseline", "ZZ"],
+                                           "--baseline ZZ: "),
+    "compare against a baseline it lacks": (lambda tmp, d: ["--variants", "AB,A3B", "--baseline", "ZZ"],
+                                            "--baseline ZZ is none of the variants (A3B, AB)"),
+    "report several folders, a subset": (lambda tmp, d: ["--report", report_folder(tmp, d), report_folder(tmp, d),
+                                                          "--plot", str(tmp / "x.png"), "--variants", "AB"],
+                                         "select runs of one folder"),
     "bench repeats 0": (lambda tmp, d: ["--bench", "--bench_repeats", "0"], "--bench_repeats must be >= 1"),
     "bench batch 0": (lambda tmp, d: ["--bench", "--batch_size", "0"], "--batch_size must be >= 1"),
 }

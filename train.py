@@ -24,7 +24,7 @@ import re
 import signal
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from data.prepare import codec, load_prepared, read_json, write_atomic
 from rins import GPT, GPTConfig
 
 DEFAULT_VARIANTS = "AB,A3B,ABAB"
+BASELINE = "AB"  # --baseline's default: a comparison without it has a table but no effective-compute ratio
 EVAL_SEED = 1234  # validation batches are the same for every evaluation of every run
 VARIANT_KEYS = {**rins.MODEL_KEYS, "block_size": int, "batch_size": int, "learning_rate": float}
 LOCKS = []  # the open lock files of this process's runs: a lock lives as long as its file is open
@@ -96,7 +97,8 @@ def add_comparison_flags(p):
     p.add_argument("--budget_steps", help="in steps of the baseline AB (default 1200)")
     p.add_argument("--budget_unit", default="flops", choices=rins.BUDGET_UNITS,
                    help="what the budget counts: executed FLOPs, or layer applications x tokens (older studies)")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds; a seed makes a CPU run reproducible")
+    p.add_argument("--seeds", help="comma-separated seeds (default 0; --report: every seed); a seed makes a CPU "
+                   "run reproducible")
     p.add_argument("--batch_size", type=int, default=32, help="sequences per micro-batch per process")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--learning_rate", type=float, default=5e-3)
@@ -112,7 +114,8 @@ def add_comparison_flags(p):
     p.add_argument("--log_interval", type=int, default=10, help="steps between logged train losses")
     p.add_argument("--out_dir", default="out")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs, reuse finished ones")
-    p.add_argument("--baseline", default="AB", help="the variant effective compute is measured against")
+    p.add_argument("--baseline", help=f"the variant effective compute is measured against (default {BASELINE}; "
+                   "named: the runs must have it)")
     p.add_argument("--plot", help="--report: where the plot goes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks")
@@ -123,7 +126,7 @@ class Grid:
     or the runs --report selects. Kept apart from the parsed flags, which keep the text the user typed."""
     variants: list      # variant specs as written, "A3B:p_skip=0.5"; None: --report keeps every variant
     budget_steps: list  # in steps of the baseline AB; empty: --report keeps every budget
-    seeds: list
+    seeds: list         # empty: --report keeps every seed
 
 def main(argv=None):
     """The command line: --compare (the default: train the variants, then the table), --report, --sample or
@@ -136,7 +139,7 @@ def main(argv=None):
     variants = args.variants or (DEFAULT_VARIANTS if args.compare else None if args.report else args.signature)
     grid = Grid(variants=variants and [v.strip() for v in variants.split(",")],
                 budget_steps=int_list(args.budget_steps or ("" if args.report else "1200"), "--budget_steps"),
-                seeds=int_list(args.seeds, "--seeds"))
+                seeds=int_list(args.seeds or ("" if args.report else "0"), "--seeds"))
     # torchrun, kill and job schedulers stop a process with SIGTERM: it ends like Ctrl-C, with the resume hint
     # below instead of a traceback (the previous handler comes back, for a caller that is not a script)
     previous = signal.signal(signal.SIGTERM, interrupt)
@@ -216,9 +219,13 @@ class Run:
 
 # A Run is written as plain data (asdict: dicts, strings, numbers), so that run.json is readable by anyone and
 # ckpt.pt loads with torch.load(weights_only=True), which refuses arbitrary Python objects
+# the settings the oldest committed runs (results/lm, results/warmup) did not record: unknown, not guessed
+UNRECORDED = dict(data_fingerprint=None, warmup_steps=None)
+
 def read_run(saved):
     """The Run of a run.json or checkpoint: a field an older version did not write takes its default."""
-    return Run(saved["name"], saved["variant"], GPTConfig(**saved["model"]), TrainConfig(**saved["train"]))
+    train = TrainConfig(**{**UNRECORDED, **saved["train"]})
+    return Run(saved["name"], saved["variant"], GPTConfig(**saved["model"]), train)
 
 @dataclass
 class Setup:
@@ -263,8 +270,9 @@ def compare(args, grid):
                 write_atomic(path, json.dumps(record).encode())
         records.append(record)
     if setup.rank == 0:
-        print_summary(records, write_results(args.out_dir, records, None, args.baseline), args.baseline)
-        print(f"{outcome(records, args.baseline)}\nresults: {args.out_dir}/results.csv, plot: "
+        baseline = args.baseline or BASELINE
+        print_summary(records, write_results(args.out_dir, records, None, baseline), baseline)
+        print(f"{outcome(records, baseline)}\nresults: {args.out_dir}/results.csv, plot: "
               f"{args.out_dir}/loss_vs_cost.png\nwhat the repository's studies found: RESULTS.md")
     if ddp:
         dist.destroy_process_group()
@@ -285,6 +293,9 @@ def plan_runs(args, grid, meta, n_train, n_val, world_size):
     # a run's folder is its name: "A3B" and "A3B:p_skip=0" are the same run, and would share one folder
     names = [run.name for run in runs]
     require(len(set(names)) == len(names), f"two variants make the same run: {names}")
+    variants = sorted({run.variant for run in runs})
+    require(args.baseline in variants + [None], f"--baseline {args.baseline} is none of the variants "
+            f"({', '.join(variants)}): add it to --variants or name one of them")
     for run in runs:
         require(min(n_train, n_val) > run.model.block_size, f"{run.name}: block_size {run.model.block_size} "
                 f"needs more tokens than the data has (train {n_train}, val {n_val})")
@@ -818,9 +829,12 @@ NO_RATIO = "no effective-compute ratio: it needs the baseline {} at two budgets 
 def print_summary(records, fits, baseline):
     """The table of every variant, budget and depth over seeds (mean ± std with several seeds; an
     effective-compute ratio beyond the baseline's budgets is a bound, marked > or <), then the laws."""
-    rows, groups = result_rows(records, baseline), {}
+    rows, cells = result_rows(records, baseline), {}
     for row in rows:
-        groups.setdefault((row["variant"], row["budget_steps"], row["rounds"]), []).append(row)
+        cells.setdefault((row["variant"], row["budget_steps"]), {}).setdefault(row["rounds"], []).append(row)
+    # a run scored at fewer depths (older runs: rounds 1, r, r + 1) joins the seeds of the depths it has
+    groups = {(*cell, rounds): by_rounds[rounds] for cell, by_rounds in cells.items()
+              for rounds in sorted(by_rounds, key=lambda rounds: rounds or 0)}
     floor, ratio = records[0]["floor"] is not None, rows[0]["effective_compute"] is not None
     in_flops = ratio and any(row["budget_unit"] != "flops" for row in rows)  # older runs: both units
     lines = [["variant", "lr", "budget", "rounds", "apps", "seeds", "steps", "epochs", "tok/param", "val_loss",
@@ -905,52 +919,85 @@ def write_results(out_dir, records, plot_path, baseline):
 
 def report(args, grid):
     """The results files, table and plot again from the finished runs of a folder, without training;
-    --variants and --budget_steps select runs, the baseline's at every budget (plot: DIR/report.png).
+    --variants, --budget_steps and --seeds select runs (select_runs; plot: DIR/report.png).
     Several folders: the headline figure, one panel of effective-compute ratios per study (or their grid)."""
     if len(args.report) > 1:
         return report_folders(args)
     folder = args.report[0]
-    records = read_runs(folder)
-    variants = grid.variants or sorted({r["run"]["variant"] for r in records})
-    budgets = grid.budget_steps or sorted({r["run"]["train"]["budget_steps"] for r in records})
-    found = {r["run"]["variant"] for r in records} | {f"budget {r['run']['train']['budget_steps']}" for r in records}
-    missing = [v for v in variants + [f"budget {b}" for b in budgets] if v not in found]
-    require(not missing, f"no finished runs of {', '.join(missing)} in {folder}")
-    check_settings(records, folder)
-    # the baseline stays at every budget: the effective-compute ratios read its whole curve
-    records = [r for r in records if r["run"]["variant"] == args.baseline
-               or (r["run"]["variant"] in variants and r["run"]["train"]["budget_steps"] in budgets)]
-    keep = variants if args.baseline in variants else variants + [args.baseline]
-    records.sort(key=lambda r: (keep.index(r["run"]["variant"]), r["run"]["train"]["budget_steps"],
-                                r["run"]["train"]["seed"]))
-    subset = grid.variants or grid.budget_steps
+    records = select_runs(read_runs(folder), grid, args.baseline, folder)
+    baseline = args.baseline or BASELINE
+    subset = grid.variants or grid.budget_steps or grid.seeds
     plot = args.plot or os.path.join(folder, "report.png" if subset else "loss_vs_cost.png")
     if subset:
         fits = budget_fits(records)
-        plot_report(records, result_rows(records, args.baseline), args.baseline, plot)
+        plot_report(records, result_rows(records, baseline), baseline, plot)
     else:
-        fits = write_results(folder, records, plot, args.baseline)
-    print_summary(records, fits, args.baseline)
+        fits = write_results(folder, records, plot, baseline)
+    print_summary(records, fits, baseline)
     print(f"plot: {plot}")
     return records
 
+def select_runs(records, grid, named, folder):
+    """The runs --variants, --budget_steps and --seeds select, in the order of --variants. The baseline stays
+    at every budget (of the selected seeds): the effective-compute ratios read its whole curve. A baseline
+    named by --baseline must have runs here; the default may be missing (a learning-rate grid has none)."""
+    variant, budget, seed = (lambda r: r["run"]["variant"], lambda r: r["run"]["train"]["budget_steps"],
+                             lambda r: r["run"]["train"]["seed"])
+    names = sorted(set(map(variant, records)))
+    variants = grid.variants or names
+    budgets, seeds = grid.budget_steps or set(map(budget, records)), grid.seeds or set(map(seed, records))
+    found = {*names, *(f"budget {budget(r)}" for r in records), *(f"seed {seed(r)}" for r in records)}
+    asked = variants + [f"budget {b}" for b in grid.budget_steps] + [f"seed {s}" for s in grid.seeds]
+    missing = [v for v in asked if v not in found]
+    require(not missing, f"no finished runs of {', '.join(missing)} in {folder}")
+    require(named in names + [None], f"--baseline {named}: {folder} has no runs of it (its variants: "
+            f"{', '.join(names)})")
+    check_settings(records, folder)  # the whole folder: what is missing is said first, then what conflicts
+    baseline = named or BASELINE
+    records = [r for r in records if seed(r) in seeds
+               and (variant(r) == baseline or (variant(r) in variants and budget(r) in budgets))]
+    keep = variants if baseline in variants else variants + [baseline]
+    return sorted(records, key=lambda r: (keep.index(variant(r)), budget(r), seed(r)))
+
+# what report reads of a run.json besides its Run (flops: only since FLOPs became the unit)
+RECORD_KEYS = {"run", "trained_rounds", "steps", "tokens", "epochs", "tokens_per_param", "cost", "target", "wall_s",
+               "mfu", "n_params", "floor", "evals"}
+
 def read_runs(folder):
-    records = [read_json(path) for path in sorted(glob.glob(os.path.join(folder, "*", "run.json")))]
+    """The records of a folder's finished runs; a run.json some other program wrote stops here, named."""
+    records = []
+    for path in sorted(glob.glob(os.path.join(folder, "*", "run.json"))):
+        record = read_json(path)
+        try:
+            read_run(record["run"])
+            ok = RECORD_KEYS <= set(record)
+        except (TypeError, KeyError, ValueError):  # not a dict, a key missing, a setting GPTConfig refuses
+            ok = False
+        require(ok, f"{path} is not a train.py run record: delete it, or report another folder")
+        records.append(record)
     require(records, f"no finished runs (<run>/run.json) in {folder}")
     return records
 
 def check_settings(records, folder):
-    """A variant's runs are averaged over seeds and read across budgets: they may differ in nothing else."""
+    """A variant's runs are averaged over seeds and read across budgets: they may differ in nothing else. Read
+    as Runs, so that a setting an older run did not record counts as its default. And one budget unit per folder:
+    a ratio reads a variant's cost on the baseline's curve, and costs in two units are not comparable."""
+    runs = [read_run(r["run"]) for r in records]
+    units = sorted({run.train.budget_unit for run in runs})
+    require(len(units) == 1, f"{folder} mixes budgets in {' and '.join(units)}, whose costs do not compare: "
+            f"report them apart (one folder per --budget_unit)")
     settings = {}
-    for r in records:
-        s = [r["run"]["model"], {**r["run"]["train"], "seed": 0, "budget_steps": 0, "budget": 0, "warmup_steps": 0}]
-        require(settings.setdefault(r["run"]["variant"], s) == s,
-                f"{folder} holds runs of {r['run']['variant']} with other settings: report them apart")
+    for run in runs:
+        s = [asdict(run.model), asdict(replace(run.train, seed=0, budget_steps=0, budget=0, warmup_steps=0))]
+        require(settings.setdefault(run.variant, s) == s,
+                f"{folder} holds runs of {run.variant} with other settings: report them apart")
 
 def report_folders(args):
     """Several folders: their runs at one budget varying a setting are one grid (e.g. the warm-up folders);
     else each folder is a study, and the figure is the headline: one panel of effective-compute ratios each."""
     require(args.plot, "--report with several folders needs --plot (where the figure goes)")
+    require(not (args.variants or args.budget_steps or args.seeds), "--variants, --budget_steps and --seeds select "
+            "runs of one folder: --report with several folders draws every run")
     studies = {folder: read_runs(folder) for folder in args.report}
     for folder, runs in studies.items():
         check_settings(runs, folder)
@@ -958,21 +1005,27 @@ def report_folders(args):
     if grid_key(records):
         plot_grid(records, grid_key(records), args.plot)
     else:
-        plot_headline(studies, args.baseline, args.plot)
+        baseline = args.baseline or BASELINE
         for folder, runs in studies.items():
-            print(f"{folder}:\n{outcome(runs, args.baseline)}")
+            require(any(r["run"]["variant"] == baseline for r in runs), f"--baseline {baseline}: {folder} has no "
+                    f"runs of it: the headline compares each study with its baseline")
+        plot_headline(studies, baseline, args.plot)
+        for folder, runs in studies.items():
+            print(f"{folder}:\n{outcome(runs, baseline)}")
     print(f"plot: {args.plot}")
     return records
 
 # -----------------------------------------------------------------------------
 # Figures: each answers one question. A layout (signature and stochastic rounds) has one colour and marker,
-# the same in every figure; the variants of one layout (other adapters, rate, batch) differ in line style.
+# the same in every figure; the variants of one layout (other adapters, rate, batch) differ in line style and
+# in the marker's fill: a variant drawn as a lone point (one budget) shows no line, only its marker.
 
 LAYOUT_STYLES = {"AB": ("black", "o"), "A2B": ("tab:blue", "s"), "A3B": ("tab:red", "^"), "A4B": ("tab:olive", ">"),
                  "ABAB": ("tab:green", "D"), "(A3B)2": ("tab:brown", "X"), "AB3": ("tab:pink", "<"),
                  "A3B p_skip 0.5": ("tab:orange", "v"), "A3B p_skip 0.8": ("tab:purple", "P")}
 OTHER_STYLE = ("tab:gray", "*")
 LINE_STYLES = ("-", "--", ":", "-.")
+FILL_STYLES = ("full", "top", "bottom", "left")  # not "none": an open marker is a bound (plot_ratio)
 GRID_KEYS = {"learning_rate": "learning rate", "warmup_frac": "warm-up (fraction of the AB budget)"}
 
 def layout(record):
@@ -980,15 +1033,16 @@ def layout(record):
     return model.signature + (f" p_skip {model.p_skip:g}" if model.p_skip else "")
 
 def styles(records):
-    """variant -> its layout's colour and marker, and a line style of its own within the layout: solid for
-    the variant with the most runs."""
+    """variant -> its layout's colour and marker, and a line style and marker fill of its own within the layout:
+    solid and filled for the variant with the most runs."""
     runs, seen, out = {}, {}, {}
     for r in records:
         runs.setdefault(r["run"]["variant"], []).append(r)
     for variant, group in sorted(runs.items(), key=lambda item: -len(item[1])):
         colour, marker = LAYOUT_STYLES.get(layout(group[0]), OTHER_STYLE)
         n = seen[layout(group[0])] = seen.get(layout(group[0]), -1) + 1
-        out[variant] = dict(color=colour, marker=marker, linestyle=LINE_STYLES[n % len(LINE_STYLES)])
+        out[variant] = dict(color=colour, marker=marker, linestyle=LINE_STYLES[n % len(LINE_STYLES)],
+                            fillstyle=FILL_STYLES[n % len(FILL_STYLES)])
     return out
 
 def short(variant):
@@ -1066,8 +1120,10 @@ def plot_rounds(ax, records, style):
     for variant, by_budget in cells(records).items():
         runs = by_budget.get(top)
         if runs:
-            x = [e["rounds"] or 1 for e in runs[0]["evals"]]
-            final = np.array([[e["val_loss"] for e in r["evals"]] for r in runs])
+            # older runs were scored at rounds 1, r, r + 1 only: the seeds are averaged at the rounds they share
+            losses = [{e["rounds"] or 1: e["val_loss"] for e in r["evals"]} for r in runs]
+            x = sorted(set.intersection(*(set(loss) for loss in losses)))
+            final = np.array([[loss[rounds] for rounds in x] for loss in losses])
             if len(x) == 1:
                 ax.axhline(final.mean(), color=style[variant]["color"], linestyle=":", linewidth=1)
             ax.errorbar(x, final.mean(0), yerr=final.std(0, ddof=1) if len(runs) > 1 else None, capsize=3,
@@ -1103,18 +1159,18 @@ def plot_ratio(ax, rows, baseline, style, title=None):
     ax.set(xscale="log", xlabel=f"budget: {baseline}'s training tokens per parameter",
            ylabel=f"effective-compute ratio in FLOPs (> 1: ahead of {baseline})", title=title)
     ticks = sorted({ab_tokens_per_param(rows, baseline, row["budget_steps"]) for row in rows})
-    ax.set_xticks(ticks, [f"{t:.0f}" for t in ticks], minor=False)
+    ax.set_xticks(ticks, [f"{t:.0f}" if t >= 10 else f"{t:.2g}" for t in ticks], minor=False)  # 0.25, not 0
     ax.set_xticks([], minor=True)
-    legend_below(ax, title="open marker: a bound, beyond the baseline's budgets", title_fontsize=7)
+    legend_below(ax, title="open marker: a bound, beyond the baseline's budgets; half-filled: another variant of "
+                 "the layout", title_fontsize=7)
 
 def plot_headline(studies, baseline, path):
     """One panel per study folder: does recursion pay at equal training compute, and how does it move with
     the tokens each parameter sees?"""
     fig, axes = new_figure(len(studies), "effective-compute ratio against AB at equal training FLOPs "
                            "(mean ± std over seeds)")
-    style = styles([r for records in studies.values() for r in records])
-    for ax, (folder, records) in zip(axes, studies.items()):
-        plot_ratio(ax, result_rows(records, baseline), baseline, style, f"{folder}: {describe(records)}")
+    for ax, (folder, records) in zip(axes, studies.items()):  # line and fill: within a panel's layouts
+        plot_ratio(ax, result_rows(records, baseline), baseline, styles(records), f"{folder}: {describe(records)}")
         ax.title.set_fontsize(9)
     save(fig, path)
 
@@ -1301,6 +1357,8 @@ def bench_decode(args, device):
         model = bench_model(args, v, device, 16 + n, compile=False).eval()
         ways = {"eager uncached": dict(use_cache=False), "eager cached": {}}
         if args.compile:
+            # [known cost] generate makes a new cache per call, so on CUDA "reduce-overhead" may record the
+            # step's graph again for each call's new cache addresses: one recording per timed call, not per token
             ways["compiled cached"] = dict(step=rins.compile_decode_step(device))
         for batch in (1, 64):
             prompt = torch.randint(0, args.bench_vocab, (batch, 16), device=device)
