@@ -849,7 +849,7 @@ def print_summary(records, fits, baseline):
                       *[bounded("effective_compute_flops")] * in_flops, mean("wall_s", ".0f"), mean("mfu", ".1%")])
     print(text_table(lines))
     if not ratio:
-        print(NO_RATIO.format(baseline))
+        print(NO_RATIO.format(baseline) + " (e.g. --budget_steps 600,1200)")
     for f in fits:
         print(f"law across budgets {','.join(map(str, f['budgets']))}, loss = beta * cost^(-c) + eps_inf "
               f"(± bootstrap std over seeds): {f['variant']}: c {f['c']:.3f} ± {f['c_std']:.3f}, "
@@ -887,8 +887,7 @@ def outcome(records, baseline):
         gaps = ", ".join(f"{v} {loss[v] - loss[baseline]:+.4f}" for v in others)
         runner_up = min((v for v in loss if v != best), key=loss.get)
         return (f"{where}, final val loss minus {baseline}'s at equal compute: {gaps} nats; {best} won by "
-                f"{loss[runner_up] - loss[best]:.4f} nats over {runner_up}\n"
-                + NO_RATIO.format(baseline) + " (e.g. --budget_steps 600,1200)")
+                f"{loss[runner_up] - loss[best]:.4f} nats over {runner_up}")
     ratio = {v: statistics.fmean(row["effective_compute_flops"] for row in cells[v]) for v in others}
     best = max(ratio, key=ratio.get)
     winner = (f"{best} won: {baseline} needs {ratio[best]:.2f}x its compute to match it" if ratio[best] > 1 else
@@ -1046,9 +1045,11 @@ def styles(records):
     return out
 
 def short(variant):
+    """A variant's name in a legend: the learning rate written short, so that the legend stays one column."""
     return variant.replace("learning_rate=", "lr=")
 
 def legend_below(ax, **kw):
+    """The legend under the panel, not on it: a legend drawn over the lines hides the points it names."""
     if ax.get_legend_handles_labels()[0]:
         n = len(ax.get_legend_handles_labels()[0])
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2 if n <= 8 else 3, fontsize=7, **kw)
@@ -1061,10 +1062,12 @@ def cells(records):
     return {variant: dict(sorted(by_budget.items())) for variant, by_budget in out.items()}
 
 def seeds(groups):
+    """'seeds: 2' or 'seeds: 2-3': how many runs each point of a line averages, said in the legend."""
     n = sorted({len(g) for g in groups})
     return f"seeds: {n[0]}" + (f"-{n[-1]}" if len(n) > 1 else "")
 
 def spread(values):
+    """The error bar: the std over seeds (ddof 1), 0 for one seed (no bar rather than a made-up one)."""
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 def new_figure(panels, title):
@@ -1074,9 +1077,11 @@ def new_figure(panels, title):
     return fig, fig.subplots(1, panels, squeeze=False)[0]
 
 def save(fig, path):
+    """Written atomically, as every result is: an interrupted report leaves the previous figure whole."""
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 def describe(records):
+    """The data and the model of a study, for a figure's title: which corpus, how deep, how wide, how big."""
     r = records[0]
     m = GPTConfig(**r["run"]["model"])
     return f"{r['run']['train']['dataset']}, {m.n_layer} layers x {m.n_embd}, {r['n_params'] / 1000:.3g}k parameters"
@@ -1140,6 +1145,8 @@ def plot_ratio(ax, rows, baseline, style, title=None):
                 ha="center", va="center", transform=ax.transAxes, fontsize=9)
         ax.set(xticks=[], yticks=[], title=title)
         return
+    # a stochastic layout is drawn twice: as trained, and at one round, the baseline's inference cost, where
+    # the paper's "no regret" is read; the baseline itself is the dotted line at 1
     lines = {}  # (variant, rounds 1?) -> budget -> rows over seeds
     for row in rows:
         stochastic_one = row["rounds"] == 1 and "p_skip" in row["variant"]
@@ -1147,11 +1154,14 @@ def plot_ratio(ax, rows, baseline, style, title=None):
             lines.setdefault((row["variant"], not row["trained"]), {}).setdefault(row["budget_steps"], []).append(row)
     for (variant, one_round), by_budget in lines.items():
         by_budget = dict(sorted(by_budget.items()))
+        # x is the budget's *baseline* tokens per parameter, the same for every layout at a budget: a recursive
+        # layout sees fewer tokens (A3B about half), and plotting its own would shift its points left
         x = [ab_tokens_per_param(rows, baseline, b) for b in by_budget]
         y = [[row["effective_compute_flops"] for row in g] for g in by_budget.values()]
         s = {**style[variant], "linestyle": "--" if one_round else "-"}
         ax.errorbar(x, [np.mean(v) for v in y], yerr=[spread(v) for v in y], capsize=3, ms=5,
                     label=short(variant) + (" at 1 round" if one_round else ""), **s)
+        # past the baseline's largest (or below its smallest) budget the ratio is only a bound: an open marker
         bound = [any(row["effective_compute_flops_bound"] for row in g) for g in by_budget.values()]
         ax.plot([a for a, b in zip(x, bound) if b], [np.mean(v) for v, b in zip(y, bound) if b], linestyle="",
                 marker=s["marker"], ms=7, color=s["color"], markerfacecolor="white", zorder=3)
@@ -1279,6 +1289,8 @@ def bench(args):
     print_table(out["train"])
     print(f"stochastic rows: the mean over {out['train'][-1]['draws']} draws of the rounds, in rounds of "
           f"{out['train'][-1]['draws'] // args.bench_repeats} steps\n{out['loss']['text']}")
+    # written now and again after decoding: if decoding fails or runs out of time (.ci/gpu's stage time-out),
+    # the training figures are already on disk
     write_atomic(os.path.join(args.out_dir, "bench.json"), json.dumps(out, indent=1).encode())
     out["decode"] = bench_decode(args, device)
     print_table(out["decode"])
@@ -1379,6 +1391,7 @@ def bench_decode(args, device):
     return rows
 
 def bench_model(args, variant, device, block_size, compile=True, n_layer=None):
+    """A bench model of one variant, seeded: every variant starts from the same draws, as in a comparison."""
     signature, settings = rins.parse_variant(variant, VARIANT_KEYS)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=block_size, vocab_size=args.bench_vocab, n_layer=n_layer or args.n_layer,
@@ -1416,6 +1429,8 @@ def whole_logits_loss(model, x, y):
 
 def timed(fn, device, n=1):
     """Wall time per call of n calls of fn back to back, the GPU's queued work included."""
+    # CUDA runs asynchronously: without a synchronisation the clock would time the launches, not the work;
+    # n steps between two synchronisations, as training runs them, so the launch gaps are timed too
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     sync()
     t0 = time.perf_counter()
