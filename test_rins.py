@@ -1082,6 +1082,32 @@ def new_axes():
     from matplotlib.figure import Figure
     return Figure().subplots()
 
+def test_per_token_gain_is_the_baseline_at_half_the_budget_minus_a_twice_as_costly_variant(data_dir, tmp_path, capsys):
+    # in applications A3B costs exactly 2x AB per token (it pairs) and A2B 1.5x (it does not)
+    run_train(data_dir, tmp_path, "--variants", "AB,A2B,A3B", "--budget_steps", "8,16", "--seeds", "0,1",
+              "--budget_unit", "applications")
+    records = train.read_runs(str(tmp_path))
+
+    def loss(name):  # independent: the eval at the trained depth, read straight from run.json
+        record = json.loads((tmp_path / name / "run.json").read_text())
+        return next(e["val_loss"] for e in record["evals"] if e["rounds"] == record["trained_rounds"])
+    gains = {s: loss(f"AB_b8_s{s}") - loss(f"A3B_b16_s{s}") for s in (0, 1)}
+    # A3B at 8 has no AB at 4, and A2B is not twice the cost: A3B at 16 is the only row
+    rows = train.per_token_gains(records, "AB")
+    assert [(row["variant"], row["budget_steps"]) for row in rows] == [("A3B", 16)]
+    assert rows[0]["gains"] == pytest.approx(gains, abs=1e-12)
+    assert rows[0]["tokens_per_param"] == pytest.approx(16 * TOKENS_PER_STEP / records[-1]["n_params"])
+
+    capsys.readouterr()
+    train.main(["--report", str(tmp_path), "--plot", str(tmp_path / "x.png")])
+    out = capsys.readouterr().out
+    assert "AB's final val loss at budget B/2 minus the variant's at B, same seed" in out
+    mean = (gains[0] + gains[1]) / 2
+    cells = [f"{g:+.4f}" for g in (gains[0], gains[1], mean)]
+    assert re.search(r"\nA3B +16 .* " + " +".join(map(re.escape, cells)) + "\n", out)
+    train.main(["--report", str(tmp_path), "--variants", "A2B", "--plot", str(tmp_path / "x.png")])
+    assert "per-token gain" not in capsys.readouterr().out  # no pair: not even the header
+
 def test_report_refuses_a_folder_of_two_budget_units(data_dir, tmp_path):
     # AB in applications, A3B in FLOPs: a ratio would read A3B's FLOPs on AB's curve of applications
     run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "8,16", "--budget_unit", "applications")

@@ -854,6 +854,53 @@ def print_summary(records, fits, baseline):
         print(f"law across budgets {','.join(map(str, f['budgets']))}, loss = beta * cost^(-c) + eps_inf "
               f"(± bootstrap std over seeds): {f['variant']}: c {f['c']:.3f} ± {f['c_std']:.3f}, "
               f"eps_inf {f['eps_inf']:.3f} ± {f['eps_inf_std']:.3f}")
+    print_per_token_gains(per_token_gains(records, baseline), baseline)
+
+# a step at 1.8-2.2x the baseline's cost per token (A3B, ABAB): at budget B it sees about the baseline's tokens at B/2
+TWICE_THE_COST = (1.8, 2.2)
+
+def per_token_gains(records, baseline):
+    """What the extra rounds buy per token: the baseline's final loss (as trained) at B/2 minus a variant's at B,
+    same seed, in nats, for each variant whose cost per token (cost / tokens, in the folder's unit) is about twice
+    the baseline's, so that the two saw about the same tokens. Positive: the rounds bought more than the tokens
+    they cost. One row per variant and budget with a pair: variant, budget_steps, the baseline's tokens per
+    parameter and epochs at B, gains {seed: nats}; a seed or budget whose baseline did not run at exactly B/2
+    is left out."""
+    base = [r for r in records if r["run"]["variant"] == baseline]
+    if not base:
+        return []
+    key = lambda r: (r["run"]["variant"], r["run"]["train"]["budget_steps"], r["run"]["train"]["seed"])
+    per_token = lambda runs: statistics.fmean(r["cost"] / r["tokens"] for r in runs)
+    base_loss, ref, rows = {key(r)[1:]: trained_loss(r) for r in base}, base[0], {}
+    for r in records:
+        variant, budget, seed = key(r)
+        twice = per_token([o for o in records if o["run"]["variant"] == variant]) / per_token(base)
+        if (variant == baseline or not TWICE_THE_COST[0] <= twice <= TWICE_THE_COST[1] or budget % 2
+                or (budget // 2, seed) not in base_loss):
+            continue
+        row = rows.setdefault((variant, budget), dict(
+            variant=variant, budget_steps=budget, gains={},
+            tokens_per_param=budget * ref["tokens"] / ref["steps"] / ref["n_params"],
+            epochs=budget * ref["epochs"] / ref["steps"]))
+        row["gains"][seed] = base_loss[(budget // 2, seed)] - trained_loss(r)
+    return list(rows.values())
+
+def print_per_token_gains(rows, baseline):
+    """The table of per_token_gains, one column per seed; nothing where no variant has a pair."""
+    if not rows:
+        return
+    seeds = sorted({seed for row in rows for seed in row["gains"]})
+    lines = [["variant", "budget", f"{baseline} tok/param", f"{baseline} epochs", *[f"seed {s}" for s in seeds],
+              "mean"]]
+    for row in rows:
+        gains = row["gains"]
+        lines.append([row["variant"], str(row["budget_steps"]), f"{row['tokens_per_param']:.1f}",
+                      f"{row['epochs']:.3f}", *[f"{gains[s]:+.4f}" if s in gains else "-" for s in seeds],
+                      f"{statistics.fmean(gains.values()):+.4f}"])
+    print(f"\nper-token gain of recursion: {baseline}'s final val loss at budget B/2 minus the variant's at B, same "
+          f"seed, in nats (about the same tokens; > 0: the extra rounds bought more than their tokens cost); "
+          f"variants at 1.8-2.2x {baseline}'s cost per token; tok/param and epochs: {baseline}'s at B")
+    print(text_table(lines))
 
 def mean_std(group, key, spec, std=True):
     """'mean ± std' of a column over seeds ('-' where a run has no value)."""
