@@ -477,25 +477,37 @@ def write_csv(rows, path):
     write_atomic(path, write)
 
 def plot(summary, chance, path):
-    """Bars per variant at 1x and full depth, one panel per (task, metric)."""
+    """Bars per variant at 1x (hatched) and full depth (solid), one panel per (task, metric); each layout in
+    the colour it has in every figure of train.py."""
     from matplotlib.figure import Figure  # no pyplot: no display, no global state
+    from matplotlib.patches import Patch
+    from train import LAYOUT_STYLES, OTHER_STYLE
     panels = list(dict.fromkeys((s["task"], s["metric"]) for s in summary))
-    fig = Figure(figsize=(4.5 * len(panels), 3.5))
+    fig = Figure(figsize=(4.5 * len(panels), 3.8))
     for ax, (task, metric) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         cells = [s for s in summary if (s["task"], s["metric"]) == (task, metric)]
         variants = list(dict.fromkeys(s["variant"] for s in cells))
+        colours = [LAYOUT_STYLES.get(layout(v), OTHER_STYLE)[0] for v in variants]
         for k, depth in enumerate(("1x", "full")):
             s = [next(c for c in cells if (c["variant"], c["depth"]) == (v, depth)) for v in variants]
-            ax.bar(np.arange(len(variants)) + 0.4 * k - 0.2, [c["mean"] for c in s], 0.4,
-                   yerr=[c["std"] for c in s], label=depth, capsize=3)
-        ax.axhline(chance, color="grey", linestyle=":", label="chance")
+            ax.bar(np.arange(len(variants)) + 0.4 * k - 0.2, [c["mean"] for c in s], 0.4, yerr=[c["std"] for c in s],
+                   color=colours, alpha=0.45 if depth == "1x" else 1.0, hatch="//" if depth == "1x" else None,
+                   capsize=3, edgecolor="white")
+        ax.axhline(chance, color="grey", linestyle=":")
         ax.set_xticks(range(len(variants)), variants)
-        ax.set_title(f"{task}: {metric}")
-        ax.set_ylabel("accuracy")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+        ax.set(title=f"{task}: {metric}", ylabel="accuracy (mean ± std over seeds)")
+    # one legend under the panels: the bars' colours are the layouts, named on the x axis
+    fig.legend(handles=[Patch(color="grey", alpha=0.45, hatch="//", label="1x (rounds 1)"),
+                        Patch(color="grey", label="full depth"), Patch(color="none", label="dotted line: chance")],
+               fontsize=8, loc="lower center", ncol=3)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     print(f"wrote {path}")
+
+def layout(variant):
+    """'A3B:p_skip=0.5' -> 'A3B p_skip 0.5': the layout whose colour train.py's figures use."""
+    signature, settings = rins.parse_variant(variant, rins.MODEL_KEYS)
+    return signature + (f" p_skip {settings['p_skip']:g}" if settings.get("p_skip") else "")
 
 # -----------------------------------------------------------------------------
 
