@@ -56,7 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import numpy as np
 import pytest
@@ -80,6 +80,13 @@ def tiny_config(**kw):
     base = dict(block_size=32, vocab_size=37, n_layer=4, n_head=2, n_embd=16, dropout=0.0, bias=True)
     base.update(kw)
     return GPTConfig(**base)
+
+def hand_record(variant, model=None, **settings):
+    """A record built by hand for the report's functions: a Run of `variant` (tiny_config unless given) with
+    the training settings given, the others zero; the results are added by the caller."""
+    settings = {**{f.name: 0 for f in fields(train.TrainConfig)}, "dataset": "d", **settings}
+    run = train.Run(variant, variant, model or tiny_config(), train.TrainConfig(**settings))
+    return train.Record(dict(run=asdict(run)))
 
 def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
@@ -738,7 +745,7 @@ def test_older_runs_read_as_applications_and_their_flops_recovered(data_dir, tmp
     old = json.loads(path.read_text())
     del old["run"]["train"]["budget_unit"], old["flops"]  # as an older version wrote it
     path.write_text(json.dumps(old))
-    assert train.executed_flops(old) == pytest.approx(r["flops"], rel=1e-12)  # from its applications and tokens
+    assert train.executed_flops(train.Record(old)) == pytest.approx(r["flops"], rel=1e-12)  # from its applications and tokens
     (again,) = run_train(data_dir, tmp_path, "--variants", "A3B:p_skip=0.5:adapters=1", "--budget_steps", "8",
                          "--budget_unit", "applications", "--resume")  # the same run: reused
     assert again["cost"] == r["cost"]
@@ -951,8 +958,8 @@ def test_law_across_budgets_uses_final_losses_as_trained_and_skips_short_sweeps(
     def record(variant, budget, seed, loss_as_trained, recursive):
         evals = [dict(rounds=r, val_loss=loss_as_trained if r == 3 else 9.0) for r in (1, 3, 4)] if recursive \
             else [dict(rounds=None, val_loss=loss_as_trained)]
-        return dict(run=dict(variant=variant, train=dict(budget_steps=budget, seed=seed)), cost=1e6 * budget,
-                    evals=evals, trained_rounds=3 if recursive else None)
+        return train.Record({**hand_record(variant, budget_steps=budget, seed=seed), "cost": 1e6 * budget,
+                             "evals": evals, "trained_rounds": 3 if recursive else None})
 
     budgets = (100, 300, 1000, 3000)
     for spread in (0.0, 0.01):  # seeds at -spread, 0, +spread about the law
@@ -1117,7 +1124,7 @@ def test_report_refuses_a_folder_of_two_budget_units(data_dir, tmp_path):
             train.main(["--report", *folders, "--plot", str(tmp_path / "x.png")])
 
 def test_the_ratio_figure_tells_variants_of_a_layout_apart_and_labels_small_budgets():
-    record = lambda variant, signature: {"run": {"variant": variant, "model": asdict(tiny_config(signature=signature))}}
+    record = lambda variant, signature: hand_record(variant, tiny_config(signature=signature))
     records = [record("A3B", "A3B"), record("A3B", "A3B"), record("A3B:batch_size=16", "A3B"), record("AB", "AB")]
     style = train.styles(records)
     # one layout, one colour and marker; the variant drawn as a lone point still stands apart by its fill
@@ -1139,7 +1146,7 @@ def committed_ratios(folder):
     from the run.json files alone, written out apart from train.effective_compute: the baseline AB's final loss,
     averaged over seeds at each budget, its running best, the compute at a loss read between the two budgets
     that bracket it, linearly in log compute; beyond AB's budgets, the ratio at the nearest end as a bound."""
-    runs = [json.load(open(p)) for p in glob.glob(os.path.join(ROOT, "results", folder, "*", "run.json"))]
+    runs = [train.Record(json.load(open(p))) for p in glob.glob(os.path.join(ROOT, "results", folder, "*", "run.json"))]
     final = lambda r: next(e["val_loss"] for e in r["evals"] if e["rounds"] == r["trained_rounds"])
     ab = [r for r in runs if r["run"]["variant"] == "AB"]
     # the FLOPs a run executed: the accounting itself is tested under "compute accounting"

@@ -227,6 +227,14 @@ def read_run(saved):
     train = TrainConfig(**{**UNRECORDED, **saved["train"]})
     return Run(saved["name"], saved["variant"], GPTConfig(**saved["model"]), train)
 
+class Record(dict):
+    """A finished run's record: the dict run.json holds (results read as record["evals"], record["cost"]), and
+    its settings read once into .run, the Run it was made from, so that the report reads record.run.variant,
+    record.run.train.seed and never the nested dicts. A fresh run's, a reused run's and report's are all one."""
+    def __init__(self, saved):
+        super().__init__(saved)
+        self.run = read_run(self["run"])
+
 @dataclass
 class Setup:
     """What every run of one invocation shares: the data, the device, and this process's place among the
@@ -263,11 +271,13 @@ def compare(args, grid):
     records = []
     for run in runs:
         path = os.path.join(args.out_dir, run.name, "run.json")
-        record = read_json(path)  # a finished run is reused: --resume continues a comparison where it stopped
-        if record is None:
+        saved = read_json(path)  # a finished run is reused: --resume continues a comparison where it stopped
+        if saved is None:
             record = train(run, os.path.dirname(path), setup)
             if setup.rank == 0:
                 write_atomic(path, json.dumps(record).encode())
+        else:
+            record = Record(saved)
         records.append(record)
     if setup.rank == 0:
         baseline = args.baseline or BASELINE
@@ -687,13 +697,13 @@ def finish(run, tr, setup):
     # parameter, the x axis of data scaling; the time spent training (evaluations left out) and the model
     # FLOPs utilisation on a GPU with a known peak; the dataset's entropy floor where it has one (grammar)
     p, peak, n_params = tr.progress, peak_flops(setup.device), tr.model.get_num_params()
-    return dict(run=asdict(run), trained_rounds=r, steps=p["step"], planned_steps=tr.steps,
+    return Record(dict(run=asdict(run), trained_rounds=r, steps=p["step"], planned_steps=tr.steps,
                 tokens=p["tokens"], epochs=p["tokens"] / len(setup.train_data),
                 tokens_per_param=p["tokens"] / n_params, cost=p["cost"], target=tr.target, flops=p["flops"],
                 wall_s=p["train_time"], tokens_per_s=p["tokens"] / p["train_time"],
                 mfu=p["flops"] / p["train_time"] / (peak * setup.world) if peak else None, n_params=n_params,
                 n_adapter_params=tr.model.num_adapter_params(), floor=setup.meta.get("entropy_per_token"),
-                evals=evals, curve=p["curve"], train_log=p["train_log"])
+                evals=evals, curve=p["curve"], train_log=p["train_log"]))
 
 # -----------------------------------------------------------------------------
 # Results: effective compute, the scaling law across budgets, the table, files and the plot
@@ -775,13 +785,13 @@ def executed_flops(record):
     layout we ran with p_skip, may be skipped."""
     if "flops" in record:
         return record["flops"]
-    config, tokens = GPTConfig(**record["run"]["model"]), record["tokens"]
+    config, tokens = record.run.model, record["tokens"]
     with torch.device("meta"):
         model = GPT(config)
     counts, units = rins.expected_counts(config), config.units  # exact without p_skip
     if config.p_skip > 0 and len(units) > 2:
         require(len({len(u) for u in units[1:-1]}) == 1 and not config.share_kv,
-                f"{record['run']['name']}: its FLOPs cannot be recovered from its applications")
+                f"{record.run.name}: its FLOPs cannot be recovered from its applications")
         middle_run = (record["cost"] / tokens - len(units[0]) - len(units[-1])) / len(units[1])
         counts = (record["cost"] / tokens, (1 + middle_run) * config.adapters, 0)
     return tokens * model.flops_per_token(config.block_size, counts)
@@ -790,28 +800,28 @@ def result_rows(records, baseline):
     """One row per run x eval depth (results.csv), with the effective-compute ratio against the
     baseline variant's final losses (mean over seeds) where it was run at two budgets or more: in the
     runs' budget unit, and in executed FLOPs (the two differ for runs budgeted in applications)."""
-    base = [r for r in records if r["run"]["variant"] == baseline]
+    base = [r for r in records if r.run.variant == baseline]
     two_budgets = len({r["target"] for r in base}) >= 2
     curve = [(r["target"], trained_loss(r)) for r in base] if two_budgets else None
     flops_curve = [(executed_flops(r), trained_loss(r)) for r in base] if two_budgets else None
     rows = []
     for r in records:
-        t = r["run"]["train"]
+        t = r.run.train
         flops = executed_flops(r)
         for e in r["evals"]:
             ratio, bound = effective_compute(e["val_loss"], r["cost"], curve) if curve else (None, "")
             flops_ratio, flops_bound = (effective_compute(e["val_loss"], flops, flops_curve) if curve
                                         else (None, ""))
             rows.append(dict(
-                run=r["run"]["name"], variant=r["run"]["variant"], learning_rate=t["learning_rate"],
-                seed=t["seed"], budget_steps=t["budget_steps"], rounds=e["rounds"],
+                run=r.run.name, variant=r.run.variant, learning_rate=t.learning_rate,
+                seed=t.seed, budget_steps=t.budget_steps, rounds=e["rounds"],
                 trained=e["rounds"] == r["trained_rounds"], eval_applications=e["eval_applications"],
                 steps=r["steps"], tokens=r["tokens"], epochs=r["epochs"],
                 tokens_per_param=r["tokens_per_param"], cost=r["cost"], val_loss=e["val_loss"],
                 above_floor=None if r["floor"] is None else e["val_loss"] - r["floor"],
                 effective_compute=ratio, effective_compute_bound=bound, flops=flops,
                 effective_compute_flops=flops_ratio, effective_compute_flops_bound=flops_bound,
-                budget_unit=t.get("budget_unit", "applications"), wall_s=r["wall_s"], mfu=r["mfu"],
+                budget_unit=t.budget_unit, wall_s=r["wall_s"], mfu=r["mfu"],
                 n_params=r["n_params"]))
     return rows
 
@@ -819,8 +829,8 @@ def budget_fits(records, n_boot=200):
     """The law fitted across budgets for each variant run at three or more (rins.law_across_budgets)."""
     by_variant = {}
     for r in records:
-        by_budget = by_variant.setdefault(r["run"]["variant"], {})
-        by_budget.setdefault(r["run"]["train"]["budget_steps"], []).append((r["cost"], trained_loss(r)))
+        by_budget = by_variant.setdefault(r.run.variant, {})
+        by_budget.setdefault(r.run.train.budget_steps, []).append((r["cost"], trained_loss(r)))
     return [dict(variant=v, budgets=sorted(b), **law_across_budgets(list(b.values()), n_boot))
             for v, b in by_variant.items() if len(b) >= 3]
 
@@ -866,16 +876,16 @@ def per_token_gains(records, baseline):
     they cost. One row per variant and budget with a pair: variant, budget_steps, the baseline's tokens per
     parameter and epochs at B, gains {seed: nats}; a seed or budget whose baseline did not run at exactly B/2
     is left out."""
-    base = [r for r in records if r["run"]["variant"] == baseline]
+    base = [r for r in records if r.run.variant == baseline]
     if not base:
         return []
-    key = lambda r: (r["run"]["variant"], r["run"]["train"]["budget_steps"], r["run"]["train"]["seed"])
+    key = lambda r: (r.run.variant, r.run.train.budget_steps, r.run.train.seed)
     per_token = lambda runs: statistics.fmean(r["cost"] / r["tokens"] for r in runs)
     base_loss, ref, rows = {key(r)[1:]: trained_loss(r) for r in base}, base[0], {}
     # "about twice", not exactly: in FLOPs the LM head is paid once per token, so A3B costs 1.97x AB at 4 x 48
     # and 1.71x at 4 x 16; a window around 2 keeps the comparison to layouts that see about the same tokens
-    variants = {r["run"]["variant"] for r in records}
-    cost = {v: per_token([r for r in records if r["run"]["variant"] == v]) / per_token(base) for v in variants}
+    variants = {r.run.variant for r in records}
+    cost = {v: per_token([r for r in records if r.run.variant == v]) / per_token(base) for v in variants}
     for r in records:
         variant, budget, seed = key(r)
         if (variant == baseline or not TWICE_THE_COST[0] <= cost[variant] <= TWICE_THE_COST[1] or budget % 2
@@ -990,8 +1000,8 @@ def select_runs(records, grid, named, folder):
     """The runs --variants, --budget_steps and --seeds select, in the order of --variants. The baseline stays
     at every budget (of the selected seeds): the effective-compute ratios read its whole curve. A baseline
     named by --baseline must have runs here; the default may be missing (a learning-rate grid has none)."""
-    variant, budget, seed = (lambda r: r["run"]["variant"], lambda r: r["run"]["train"]["budget_steps"],
-                             lambda r: r["run"]["train"]["seed"])
+    variant, budget, seed = (lambda r: r.run.variant, lambda r: r.run.train.budget_steps,
+                             lambda r: r.run.train.seed)
     names = sorted(set(map(variant, records)))
     variants = grid.variants or names
     budgets, seeds = grid.budget_steps or set(map(budget, records)), grid.seeds or set(map(seed, records))
@@ -1018,7 +1028,7 @@ def read_runs(folder):
     for path in sorted(glob.glob(os.path.join(folder, "*", "run.json"))):
         record = read_json(path)
         try:
-            read_run(record["run"])
+            record = Record(record)
             ok = RECORD_KEYS <= set(record)
         except (TypeError, KeyError, ValueError):  # not a dict, a key missing, a setting GPTConfig refuses
             ok = False
@@ -1031,7 +1041,7 @@ def check_settings(records, folder):
     """A variant's runs are averaged over seeds and read across budgets: they may differ in nothing else. Read
     as Runs, so that a setting an older run did not record counts as its default. And one budget unit per folder:
     a ratio reads a variant's cost on the baseline's curve, and costs in two units are not comparable."""
-    runs = [read_run(r["run"]) for r in records]
+    runs = [r.run for r in records]
     units = sorted({run.train.budget_unit for run in runs})
     require(len(units) == 1, f"{folder} mixes budgets in {' and '.join(units)}, whose costs do not compare: "
             f"report them apart (one folder per --budget_unit)")
@@ -1056,7 +1066,7 @@ def report_folders(args):
     else:
         baseline = args.baseline or BASELINE
         for folder, runs in studies.items():
-            require(any(r["run"]["variant"] == baseline for r in runs), f"--baseline {baseline}: {folder} has no "
+            require(any(r.run.variant == baseline for r in runs), f"--baseline {baseline}: {folder} has no "
                     f"runs of it: the headline compares each study with its baseline")
         plot_headline(studies, baseline, args.plot)
         for folder, runs in studies.items():
@@ -1078,7 +1088,7 @@ FILL_STYLES = ("full", "top", "bottom", "left")  # not "none": an open marker is
 GRID_KEYS = {"learning_rate": "learning rate", "warmup_frac": "warm-up (fraction of the AB budget)"}
 
 def layout(record):
-    model = GPTConfig(**record["run"]["model"])
+    model = record.run.model
     return model.signature + (f" p_skip {model.p_skip:g}" if model.p_skip else "")
 
 def styles(records):
@@ -1086,7 +1096,7 @@ def styles(records):
     solid and filled for the variant with the most runs."""
     runs, seen, out = {}, {}, {}
     for r in records:
-        runs.setdefault(r["run"]["variant"], []).append(r)
+        runs.setdefault(r.run.variant, []).append(r)
     for variant, group in sorted(runs.items(), key=lambda item: -len(item[1])):
         colour, marker = LAYOUT_STYLES.get(layout(group[0]), OTHER_STYLE)
         n = seen[layout(group[0])] = seen.get(layout(group[0]), -1) + 1
@@ -1108,7 +1118,7 @@ def cells(records):
     """variant -> budget_steps (ascending) -> its runs (over seeds), the variants in the order of the records."""
     out = {}
     for r in records:
-        out.setdefault(r["run"]["variant"], {}).setdefault(r["run"]["train"]["budget_steps"], []).append(r)
+        out.setdefault(r.run.variant, {}).setdefault(r.run.train.budget_steps, []).append(r)
     return {variant: dict(sorted(by_budget.items())) for variant, by_budget in out.items()}
 
 def seeds(groups):
@@ -1133,8 +1143,8 @@ def save(fig, path):
 def describe(records):
     """The data and the model of a study, for a figure's title: which corpus, how deep, how wide, how big."""
     r = records[0]
-    m = GPTConfig(**r["run"]["model"])
-    return f"{r['run']['train']['dataset']}, {m.n_layer} layers x {m.n_embd}, {r['n_params'] / 1000:.3g}k parameters"
+    m = r.run.model
+    return f"{r.run.train.dataset}, {m.n_layer} layers x {m.n_embd}, {r['n_params'] / 1000:.3g}k parameters"
 
 def plot_report(records, rows, baseline, path):
     """A folder's figure: its grid (a setting varied at one budget) or its study across budgets."""
@@ -1171,7 +1181,7 @@ def plot_study(records, rows, baseline, path):
 def plot_rounds(ax, records, style):
     """The largest budget's final val loss at each rounds run at inference: a flat line is a model without
     rounds (the level to read the others against); rounds 1 of a recursive model costs what AB does."""
-    top = max(r["run"]["train"]["budget_steps"] for r in records)
+    top = max(r.run.train.budget_steps for r in records)
     for variant, by_budget in cells(records).items():
         runs = by_budget.get(top)
         if runs:
@@ -1237,30 +1247,30 @@ def plot_headline(studies, baseline, path):
 def grid_key(records):
     """The setting a grid varies (GRID_KEYS): runs at one budget, of one variant but for it, at two values
     or more; where both vary, the one with more values. None for anything else."""
-    if len({r["run"]["train"]["budget_steps"] for r in records}) > 1:
+    if len({r.run.train.budget_steps for r in records}) > 1:
         return None
     varied = []
     for key in GRID_KEYS:
         values = {}
         for r in records:
-            values.setdefault(grid_line(r, key), set()).add(r["run"]["train"][key])
+            values.setdefault(grid_line(r, key), set()).add(getattr(r.run.train, key))
         if any(len(v) > 1 for v in values.values()):
-            varied.append((len({r["run"]["train"][key] for r in records}), key))
+            varied.append((len({getattr(r.run.train, key) for r in records}), key))
     return max(varied)[1] if varied else None
 
 def grid_line(record, key):
     """The line a run lies on in a grid of `key`: its variant but for the learning rate, and the other
     grid setting's value."""
     other = next(k for k in GRID_KEYS if k != key)
-    return re.sub(r":learning_rate=[^:]*", "", record["run"]["variant"]), record["run"]["train"][other]
+    return re.sub(r":learning_rate=[^:]*", "", record.run.variant), getattr(record.run.train, other)
 
 def plot_grid(records, key, path):
     """Final val loss against the grid's setting, one line per variant (mean ± std over seeds)."""
-    budget = records[0]["run"]["train"]["budget_steps"]
+    budget = records[0].run.train.budget_steps
     fig, (ax,) = new_figure(1, f"{describe(records)}, {budget} AB steps")
     lines, style = {}, styles(records)
     for r in records:
-        lines.setdefault(grid_line(r, key), {}).setdefault(r["run"]["train"][key], []).append(r)
+        lines.setdefault(grid_line(r, key), {}).setdefault(getattr(r.run.train, key), []).append(r)
     other = next(k for k in GRID_KEYS if k != key)
     several = len({o for _, o in lines}) > 1
     dashes = {}  # lines of one layout: one line style each
@@ -1272,9 +1282,9 @@ def plot_grid(records, key, path):
         label = short(name) + (f", {GRID_KEYS[other].split(' (')[0]} {value:g}" if several else "")
         label += f" ({seeds(final)})"
         ax.errorbar(x, [np.mean(f) for f in final], yerr=[spread(f) for f in final], capsize=3, ms=5,
-                    label=label, **{**style[first["run"]["variant"]], "linestyle": LINE_STYLES[n % len(LINE_STYLES)]})
+                    label=label, **{**style[first.run.variant], "linestyle": LINE_STYLES[n % len(LINE_STYLES)]})
     ax.set(xscale="log", xlabel=GRID_KEYS[key], ylabel="final validation loss (nats/token)")
-    values = sorted({r["run"]["train"][key] for r in records})
+    values = sorted({getattr(r.run.train, key) for r in records})
     ax.set_xticks(values, [f"{v:g}" for v in values], minor=False)
     ax.set_xticks([], minor=True)
     legend_below(ax)
@@ -1290,19 +1300,20 @@ def sample(args, grid):
         ("start", args.start, "text"), ("temperature", args.temperature >= 0, ">= 0 (0: greedy)"),
         ("rounds", args.rounds is None or args.rounds > 0, "> 0"), ("ckpt", args.ckpt, "a run's ckpt.pt")])
     device, ckpt = check_device(args.device), read_checkpoint(args.ckpt)
-    model = GPT(GPTConfig(**ckpt["run"]["model"])).to(device).eval()
+    run = read_run(ckpt["run"])
+    model = GPT(run.model).to(device).eval()
     model.load_state_dict(ckpt["model"])
     require(args.rounds is None or model.config.recursive, f"--rounds needs a signature with exactly one "
             f"repeated block, like 'A3B'; {model.config.signature!r} has none")
-    meta = load_prepared(args.data_dir, ckpt["run"]["train"]["dataset"])[2]
-    require(meta["fingerprint"] == ckpt["run"]["train"].get("data_fingerprint", meta["fingerprint"]),
+    meta = load_prepared(args.data_dir, run.train.dataset)[2]
+    require(run.train.data_fingerprint in (None, meta["fingerprint"]),  # None: an older run did not record it
             f"{args.ckpt}: its dataset was prepared again since, from other text: prepare it as it was")
     encode, decode = codec(meta)
     torch.manual_seed((grid.seeds or [0])[0])
     x = torch.tensor([encode(args.start)], dtype=torch.long, device=device)
     trained = model.config.recursive and model.config.recursive[1]  # the rounds as trained, if any
     length = len(rins.layer_schedule(model.config.signature, model.config.n_layer))
-    print(f"# {args.ckpt}: {ckpt['run']['variant']}, schedule of {length} layer applications; rounds "
+    print(f"# {args.ckpt}: {run.variant}, schedule of {length} layer applications; rounds "
           f"{args.rounds or trained or '-'}{' (as trained)' if trained and args.rounds in (None, trained) else ''}, "
           f"temperature {args.temperature}, top_k {args.top_k}")
     step = rins.compile_decode_step(device) if args.compile else None
