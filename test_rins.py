@@ -1137,6 +1137,10 @@ def test_the_ratio_figure_tells_variants_of_a_layout_apart_and_labels_small_budg
     ax = new_axes()
     train.plot_ratio(ax, rows, "AB", style)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0.25", "0.5", "52"]
+    # a budget within 0.15 decades of a labelled one (5,600 against 5,200 steps) gets no label of its own
+    ax = new_axes()
+    train.plot_ratio(ax, rows + [{**rows[-1], "budget_steps": 5600, "tokens": 56000, "steps": 5600}], "AB", style)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.25", "0.5", "52"]
 
 # -----------------------------------------------------------------------------
 # the numbers RESULTS.md quotes, recomputed from the committed results
@@ -1169,6 +1173,15 @@ def committed_ratios(folder):
         cell[2].append(ratio(final(r), flops[r["run"]["name"]], lambda a: flops[a["run"]["name"]]))
     return out
 
+def written(values, digits):
+    """Values over seeds as RESULTS.md writes them: mean ± sample std, the mean alone for one seed."""
+    return f"{np.mean(values):.{digits}f}" + (f" ± {np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else "")
+
+def written_ratio(ratios):
+    """[(ratio, bound)] over seeds as RESULTS.md writes them: the bound ('<': at most, '>': at least), then
+    mean ± std."""
+    return "".join(sorted({b for _, b in ratios})) + written([x for x, _ in ratios], 2)
+
 def test_results_md_ratios_agree_with_the_committed_studies():
     text = open(os.path.join(ROOT, "RESULTS.md")).read()
     quoted = re.findall(r"^\| `([^`]+)` \| (\d+) \| (\d+) \| (\d) \| ([<>]?[0-9.]+(?: ± [0-9.]+)?) \| "
@@ -1176,13 +1189,9 @@ def test_results_md_ratios_agree_with_the_committed_studies():
     studies = re.findall(r"^(\w+)\n\| variant \| AB steps", text, re.M)
     assert studies == ["regime", "regime_w32", "grammar", "lm"] and len(quoted) > 40
     cells = {key: cell for folder in studies for key, cell in committed_ratios(folder).items()}
-    def mean_std(ratios):  # the bound, then mean ± sample std over seeds
-        v = [x for x, _ in ratios]
-        bound = "".join(sorted({b for _, b in ratios}))
-        return bound + f"{np.mean(v):.2f}" + (f" ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else "")
     for variant, budget, tokens_per_param, seeds, apps, flops in quoted:
         per_param, in_apps, in_flops = cells[variant, int(budget)]
-        assert (int(seeds), apps, flops) == (len(in_apps), mean_std(in_apps), mean_std(in_flops))
+        assert (int(seeds), apps, flops) == (len(in_apps), written_ratio(in_apps), written_ratio(in_flops))
         assert round(per_param) == int(tokens_per_param)
     # README's headline: A3B at 0.45-0.55 on Shakespeare (4 x 48 and 4 x 32) up to 214 AB tokens per parameter,
     # and under a third (AB needs over three times its compute) at 1,002
@@ -1202,6 +1211,49 @@ def test_results_md_ratios_agree_with_the_committed_studies():
     mean = np.mean(d)
     signed = lambda x: f"{x:+.3f}".replace("-", "−")  # RESULTS.md writes a minus sign
     assert f"{signed(mean)} nats pooled, with a 95% t-interval\n  of {signed(mean - half)} to {signed(mean + half)}" in text
+
+def test_results_md_depth_tables_agree_with_the_committed_runs():
+    """The depth study in RESULTS.md, recomputed from run.json: each table's header (AB tokens per parameter,
+    AB epochs), each cell's final loss over seeds and its effective-compute ratio in FLOPs; and the per-token
+    gains, AB's final loss at B/2 minus the variant's at B, the same seed."""
+    text = open(os.path.join(ROOT, "RESULTS.md")).read()
+    runs = {}
+    def study(folder):
+        if folder not in runs:
+            runs[folder] = [json.load(open(p)) for p in glob.glob(os.path.join(ROOT, "results", folder, "*", "run.json"))]
+        return runs[folder]
+    final = lambda r: next(e["val_loss"] for e in r["evals"] if e["rounds"] == r["trained_rounds"])
+    of = lambda folder, variant, budget: sorted((r for r in study(folder) if r["run"]["variant"] == variant
+                                                 and r["run"]["train"]["budget_steps"] == budget),
+                                                key=lambda r: r["run"]["train"]["seed"])
+    tables = re.findall(r"^\| variant \(`results/(\w+)`\) \|(.*)\|\n\|[-|]+\|\n((?:\|.*\|\n)+)", text, re.M)
+    assert [folder for folder, _, _ in tables] == ["depth8"]
+    for folder, header, body in tables:
+        ratios, budgets = committed_ratios(folder), []
+        for column in header.split("|"):
+            budget, per_param, epochs = re.fullmatch(r" (\d+) \((\d+) t/p, ([0-9.]+) ep\) ", column).groups()
+            budgets.append(int(budget))
+            ab = of(folder, "AB", int(budget))
+            assert round(np.mean([r["tokens_per_param"] for r in ab])) == int(per_param)
+            assert f"{np.mean([r['epochs'] for r in ab]):.2f}" == epochs
+        for line in body.splitlines():
+            variant, *cells = [c.strip() for c in line.strip("|").split("|")]
+            variant = variant.strip("`")
+            for budget, cell in zip(budgets, cells, strict=True):
+                group = of(folder, variant, budget)
+                ratio = "" if variant == "AB" or not group else f"; ×{written_ratio(ratios[variant, budget][2])}"
+                assert cell == (f"{written([final(r) for r in group], 3)}{ratio} ({len(group)})" if group else "")
+    gains = re.findall(r"^\| `(\w+)` \((\d+)\) \| `([^`]+)` \| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| "
+                       r"([-+][0-9.]+) \| ([-+][0-9.]+) \| ([-+][0-9.]+) \|$", text, re.M)
+    assert sorted({(folder, int(layers)) for folder, layers, *_ in gains}) == [("depth8", 8), ("regime_w32", 4)]
+    for folder, layers, variant, budget, per_param, epochs, *quoted in gains:
+        ab, seed = of(folder, "AB", int(budget)), lambda r: r["run"]["train"]["seed"]
+        half = {seed(r): final(r) for r in of(folder, "AB", int(budget) // 2)}
+        deltas = [half[seed(r)] - final(r) for r in of(folder, variant, int(budget)) if seed(r) in half]
+        assert quoted == [f"{d:+.4f}" for d in deltas[:2]] + [f"{np.mean(deltas):+.4f}"]
+        assert ab[0]["run"]["model"]["n_layer"] == int(layers)
+        assert (f"{np.mean([r['tokens_per_param'] for r in ab]):.1f}", f"{np.mean([r['epochs'] for r in ab]):.3f}") \
+            == (per_param, epochs)
 
 # -----------------------------------------------------------------------------
 # sampling

@@ -1130,6 +1130,15 @@ def spread(values):
     """The error bar: the std over seeds (ddof 1), 0 for one seed (no bar rather than a made-up one)."""
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
+def apart(values, decades=0.15):
+    """The values, sorted, for tick labels on a log axis: each at least `decades` above the last one kept,
+    so that the labels of two close budgets do not print over each other."""
+    kept = []
+    for v in sorted(set(values)):
+        if not kept or math.log10(v / kept[-1]) >= decades:
+            kept.append(v)
+    return kept
+
 def new_figure(panels, title):
     from matplotlib.figure import Figure  # no pyplot: no display, no global state
     fig = Figure(figsize=(5.6 * panels + 1, 5.2), layout="constrained")
@@ -1169,10 +1178,13 @@ def plot_study(records, rows, baseline, path):
     spent = [executed_flops(r) for r in records]
     loss.set(xscale="log", xlabel="training compute (FLOPs)", ylabel="final validation loss (nats/token)",
              xlim=(min(spent) / 1.5, max(spent) * 1.5))  # room around the points, at one budget too
-    if max(spent) < 10 * min(spent):  # under a decade a log axis has no labelled tick: label the middle
-        middle = statistics.median(spent)
-        loss.set_xticks([middle], [f"{middle:.3g}"])
-        loss.xaxis.set_minor_formatter("")
+    # a tick at each budget: a log axis spanning under a decade would have at most one labelled tick
+    by_budget = {}
+    for r, flops in zip(records, spent):
+        by_budget.setdefault(r.run.train.budget_steps, []).append(flops)
+    budgets = apart(statistics.fmean(f) for f in by_budget.values())
+    loss.set_xticks(budgets, [f"{b:.2g}" for b in budgets], minor=False)
+    loss.set_xticks([], minor=True)
     legend_below(loss)
     plot_rounds(rounds, records, style)
     plot_ratio(ratio, rows, baseline, style)
@@ -1228,7 +1240,7 @@ def plot_ratio(ax, rows, baseline, style, title=None):
     ax.axhline(1.0, color="grey", linewidth=1, linestyle=":")
     ax.set(xscale="log", xlabel=f"budget: {baseline}'s training tokens per parameter",
            ylabel=f"effective-compute ratio in FLOPs (> 1: ahead of {baseline})", title=title)
-    ticks = sorted({ab_tokens_per_param(rows, baseline, row["budget_steps"]) for row in rows})
+    ticks = apart(ab_tokens_per_param(rows, baseline, row["budget_steps"]) for row in rows)
     ax.set_xticks(ticks, [f"{t:.0f}" if t >= 10 else f"{t:.2g}" for t in ticks], minor=False)  # 0.25, not 0
     ax.set_xticks([], minor=True)
     legend_below(ax, title="open marker: a bound, beyond the baseline's budgets; half-filled: another variant of "
@@ -1242,6 +1254,11 @@ def plot_headline(studies, baseline, path):
     for ax, (folder, records) in zip(axes, studies.items()):  # line and fill: within a panel's layouts
         plot_ratio(ax, result_rows(records, baseline), baseline, styles(records), f"{folder}: {describe(records)}")
         ax.title.set_fontsize(9)
+    # the same axes in every panel, so that a point is read against the other studies' at a glance
+    drawn = [ax for ax in axes if ax.get_xscale() == "log"]  # a panel without a ratio has no axes to share
+    for ax in drawn:
+        ax.set_xlim(min(a.get_xlim()[0] for a in drawn), max(a.get_xlim()[1] for a in drawn))
+        ax.set_ylim(min(a.get_ylim()[0] for a in drawn), max(a.get_ylim()[1] for a in drawn))
     save(fig, path)
 
 def grid_key(records):
