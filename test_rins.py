@@ -1227,7 +1227,7 @@ def test_results_md_depth_tables_agree_with_the_committed_runs():
                                                  and r["run"]["train"]["budget_steps"] == budget),
                                                 key=lambda r: r["run"]["train"]["seed"])
     tables = re.findall(r"^\| variant \(`results/(\w+)`\) \|(.*)\|\n\|[-|]+\|\n((?:\|.*\|\n)+)", text, re.M)
-    assert [folder for folder, _, _ in tables] == ["depth8"]
+    assert [folder for folder, _, _ in tables] == ["depth8", "depth16"]
     for folder, header, body in tables:
         ratios, budgets = committed_ratios(folder), []
         for column in header.split("|"):
@@ -1245,7 +1245,7 @@ def test_results_md_depth_tables_agree_with_the_committed_runs():
                 assert cell == (f"{written([final(r) for r in group], 3)}{ratio} ({len(group)})" if group else "")
     gains = re.findall(r"^\| `(\w+)` \((\d+)\) \| `([^`]+)` \| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| "
                        r"([-+][0-9.]+) \| ([-+][0-9.]+) \| ([-+][0-9.]+) \|$", text, re.M)
-    assert sorted({(folder, int(layers)) for folder, layers, *_ in gains}) == [("depth8", 8), ("regime_w32", 4)]
+    assert sorted({(folder, int(layers)) for folder, layers, *_ in gains}) == [("depth16", 16), ("depth8", 8), ("regime_w32", 4)]
     for folder, layers, variant, budget, per_param, epochs, *quoted in gains:
         ab, seed = of(folder, "AB", int(budget)), lambda r: r["run"]["train"]["seed"]
         half = {seed(r): final(r) for r in of(folder, "AB", int(budget) // 2)}
