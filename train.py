@@ -1168,20 +1168,20 @@ def plot_study(records, rows, baseline, path):
     the rounds run at inference, at the largest budget. Right: the effective-compute ratio."""
     fig, (loss, rounds, ratio) = new_figure(3, describe(records))
     style = styles(records)
+    spent = {r.run.name: executed_flops(r) for r in records}  # once: an older run's is rebuilt from its counts
     for variant, by_budget in cells(records).items():
-        flops = [statistics.fmean(executed_flops(r) for r in runs) for runs in by_budget.values()]
+        flops = [statistics.fmean(spent[r.run.name] for r in runs) for runs in by_budget.values()]
         final = [[trained_loss(r) for r in runs] for runs in by_budget.values()]
         loss.errorbar(flops, [np.mean(f) for f in final], yerr=[spread(f) for f in final], capsize=3, ms=5,
                       label=f"{short(variant)} ({seeds(final)})", **style[variant])
     if records[0]["floor"] is not None:
         loss.axhline(records[0]["floor"], color="grey", linestyle="--", linewidth=1, label="exact floor (entropy)")
-    spent = [executed_flops(r) for r in records]
     loss.set(xscale="log", xlabel="training compute (FLOPs)", ylabel="final validation loss (nats/token)",
-             xlim=(min(spent) / 1.5, max(spent) * 1.5))  # room around the points, at one budget too
+             xlim=(min(spent.values()) / 1.5, max(spent.values()) * 1.5))  # room around the points, at one budget too
     # a tick at each budget: a log axis spanning under a decade would have at most one labelled tick
     by_budget = {}
-    for r, flops in zip(records, spent):
-        by_budget.setdefault(r.run.train.budget_steps, []).append(flops)
+    for r in records:
+        by_budget.setdefault(r.run.train.budget_steps, []).append(spent[r.run.name])
     budgets = apart(statistics.fmean(f) for f in by_budget.values())
     loss.set_xticks(budgets, [f"{b:.2g}" for b in budgets], minor=False)
     loss.set_xticks([], minor=True)
