@@ -1096,8 +1096,7 @@ def test_per_token_gain_is_the_baseline_at_half_the_budget_minus_a_twice_as_cost
     records = train.read_runs(str(tmp_path))
 
     def loss(name):  # independent: the eval at the trained depth, read straight from run.json
-        record = json.loads((tmp_path / name / "run.json").read_text())
-        return next(e["val_loss"] for e in record["evals"] if e["rounds"] == record["trained_rounds"])
+        return final_loss(json.loads((tmp_path / name / "run.json").read_text()))
     gains = {s: loss(f"AB_b8_s{s}") - loss(f"A3B_b16_s{s}") for s in (0, 1)}
     # A3B at 8 has no AB at 4, and A2B is not twice the cost: A3B at 16 is the only row
     rows = train.per_token_gains(records, "AB")
@@ -1145,13 +1144,20 @@ def test_the_ratio_figure_tells_variants_of_a_layout_apart_and_labels_small_budg
 # -----------------------------------------------------------------------------
 # the numbers RESULTS.md quotes, recomputed from the committed results
 
+def committed_runs(folder):
+    """The records of results/<folder>/*/run.json, as the repository ships them."""
+    return [train.Record(json.load(open(p))) for p in glob.glob(os.path.join(ROOT, "results", folder, "*", "run.json"))]
+
+def final_loss(record):
+    """A run's final validation loss as trained, read straight from its record (not train.trained_loss)."""
+    return next(e["val_loss"] for e in record["evals"] if e["rounds"] == record["trained_rounds"])
+
 def committed_ratios(folder):
     """(variant, budget_steps) -> (AB's tokens per parameter, [(ratio, bound)] in applications, the same in FLOPs),
     from the run.json files alone, written out apart from train.effective_compute: the baseline AB's final loss,
     averaged over seeds at each budget, its running best, the compute at a loss read between the two budgets
     that bracket it, linearly in log compute; beyond AB's budgets, the ratio at the nearest end as a bound."""
-    runs = [train.Record(json.load(open(p))) for p in glob.glob(os.path.join(ROOT, "results", folder, "*", "run.json"))]
-    final = lambda r: next(e["val_loss"] for e in r["evals"] if e["rounds"] == r["trained_rounds"])
+    runs, final = committed_runs(folder), final_loss
     ab = [r for r in runs if r["run"]["variant"] == "AB"]
     # the FLOPs a run executed: the accounting itself is tested under "compute accounting"
     flops = {r["run"]["name"]: train.executed_flops(r) for r in runs}
@@ -1217,13 +1223,9 @@ def test_results_md_depth_tables_agree_with_the_committed_runs():
     AB epochs), each cell's final loss over seeds and its effective-compute ratio in FLOPs; and the per-token
     gains, AB's final loss at B/2 minus the variant's at B, the same seed."""
     text = open(os.path.join(ROOT, "RESULTS.md")).read()
-    runs = {}
-    def study(folder):
-        if folder not in runs:
-            runs[folder] = [json.load(open(p)) for p in glob.glob(os.path.join(ROOT, "results", folder, "*", "run.json"))]
-        return runs[folder]
-    final = lambda r: next(e["val_loss"] for e in r["evals"] if e["rounds"] == r["trained_rounds"])
-    of = lambda folder, variant, budget: sorted((r for r in study(folder) if r["run"]["variant"] == variant
+    runs = {folder: committed_runs(folder) for folder in ("regime_w32", "depth8", "depth16")}
+    final = final_loss
+    of = lambda folder, variant, budget: sorted((r for r in runs[folder] if r["run"]["variant"] == variant
                                                  and r["run"]["train"]["budget_steps"] == budget),
                                                 key=lambda r: r["run"]["train"]["seed"])
     tables = re.findall(r"^\| variant \(`results/(\w+)`\) \|(.*)\|\n\|[-|]+\|\n((?:\|.*\|\n)+)", text, re.M)
