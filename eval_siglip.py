@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 import rins
 from data.prepare import gpt2_encoding, write_atomic
+from report import LAYOUT_STYLES, OTHER_STYLE, layout_name
 
 # -----------------------------------------------------------------------------
 # Captions. Zero-shot must not see the training sentences, so the two template sets are disjoint.
@@ -478,10 +479,9 @@ def write_csv(rows, path):
 
 def plot(summary, chance, path):
     """Bars per variant at 1x (hatched) and full depth (solid), one panel per (task, metric); each layout in
-    the colour it has in every figure of train.py."""
+    the colour it has in every figure of report.py."""
     from matplotlib.figure import Figure  # no pyplot: no display, no global state
     from matplotlib.patches import Patch
-    from train import LAYOUT_STYLES, OTHER_STYLE
     panels = list(dict.fromkeys((s["task"], s["metric"]) for s in summary))
     fig = Figure(figsize=(4.5 * len(panels), 3.8))
     for ax, (task, metric) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
@@ -505,9 +505,9 @@ def plot(summary, chance, path):
     print(f"wrote {path}")
 
 def layout(variant):
-    """'A3B:p_skip=0.5' -> 'A3B p_skip 0.5': the layout whose colour train.py's figures use."""
+    """'A3B:p_skip=0.5' -> 'A3B p_skip 0.5': the layout whose colour report.py's figures use."""
     signature, settings = rins.parse_variant(variant, rins.MODEL_KEYS)
-    return signature + (f" p_skip {settings['p_skip']:g}" if settings.get("p_skip") else "")
+    return layout_name(signature, settings.get("p_skip", 0.0))
 
 # -----------------------------------------------------------------------------
 

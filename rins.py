@@ -678,3 +678,15 @@ def parse_device(name):
     if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"{name!r}: this machine has {torch.cuda.device_count()} CUDA devices, numbered from 0")
     return d
+
+# dense bf16 tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name()
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+                   "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}  # V100, T4: no bf16 tensor cores
+
+def peak_flops(device):
+    """The device's dense bf16 peak, for MFU; None on CPU or for an unknown GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)

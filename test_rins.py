@@ -19,14 +19,15 @@ Map (sections in the order of the source files; `grep -n '^# <title>'` finds one
     compute accounting: FLOPs, expected counts and the budget rule
     a training forward: the loss falls, compiled blocks
     the accelerator path: bf16 autocast, torch.compile (inductor), cached generation. These run on CUDA
-  train.py: training at the same compute, results, sampling
+  train.py: training at the same compute, checkpoints, sampling
     runs at the same compute: steps, executed cost, the LR schedule
     checkpoints, resume, stops and many processes
-    effective compute and the scaling-law fit
-    --report and --compare's summary: tables and figures from the run files
-    the numbers RESULTS.md quotes, recomputed from the committed results
     sampling
-    bad input to train.py and data/prepare.py: one clear line, before any compute
+    bad input to train.py, report.py, bench.py and data/prepare.py: one clear line, before any compute
+  report.py: the effective-compute ratio, the law, tables and figures from run.json files
+    effective compute and the scaling-law fit
+    the report and --compare's summary: tables and figures from the run files
+  bench.py: speed side by side (ratios, not timings, are what a test can check)
   data/: prepare.py and the grammar corpus (data/grammar.py)
     Shakespeare and the GPT-2 tokenizer
     the grammar: exact expectations against Monte Carlo
@@ -34,6 +35,7 @@ Map (sections in the order of the source files; `grep -n '^# <title>'` finds one
     the grammar: the token stream
     the grammar: n-gram baselines and the floor
   eval_siglip.py: SigLIP towers, zero-shot, the vision-only control
+  documents: the numbers RESULTS.md quotes, recomputed from the committed run.json files (never its wording)
 Stochastic RINS is tested where each of its parts lives: its draws under "stochastic rounds", its expected
 cost under "compute accounting", a run that stops on its executed cost under "runs at the same compute".
 """
@@ -64,6 +66,8 @@ import torch
 import torch.nn.functional as F
 
 import eval_siglip as es
+import bench
+import report
 import rins
 import train
 from data.grammar import (CLASSES, PRESETS, Grammar, derive, entropy_per_token, generate, grammar_rules,
@@ -84,9 +88,9 @@ def tiny_config(**kw):
 def hand_record(variant, model=None, **settings):
     """A record built by hand for the report's functions: a Run of `variant` (tiny_config unless given) with
     the training settings given, the others zero; the results are added by the caller."""
-    settings = {**{f.name: 0 for f in fields(train.TrainConfig)}, "dataset": "d", **settings}
-    run = train.Run(variant, variant, model or tiny_config(), train.TrainConfig(**settings))
-    return train.Record(dict(run=asdict(run)))
+    settings = {**{f.name: 0 for f in fields(report.TrainConfig)}, "dataset": "d", **settings}
+    run = report.Run(variant, variant, model or tiny_config(), report.TrainConfig(**settings))
+    return report.Record(dict(run=asdict(run)))
 
 def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
@@ -527,7 +531,7 @@ def test_flops_per_token_by_hand():
         model(idx)
         kept = model.transformer.applications // 2 - 2  # middle rounds that ran, 2 layers each
         assert model.flops_per_token(T) == hand(4 + 2 * kept, 1 + kept, 0)
-    assert train.peak_flops("cpu") is None
+    assert rins.peak_flops("cpu") is None
 
 # -----------------------------------------------------------------------------
 # a training forward: the loss falls, compiled blocks
@@ -668,7 +672,7 @@ def test_cuda_compiled_decode_step_equals_uncached(accelerator, kw):
     dynamo.reset()
 
 # =============================================================================
-# train.py: training at the same compute, results, sampling
+# train.py: training at the same compute, checkpoints, sampling
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VOCAB = 16
@@ -745,7 +749,7 @@ def test_older_runs_read_as_applications_and_their_flops_recovered(data_dir, tmp
     old = json.loads(path.read_text())
     del old["run"]["train"]["budget_unit"], old["flops"]  # as an older version wrote it
     path.write_text(json.dumps(old))
-    assert train.executed_flops(train.Record(old)) == pytest.approx(r["flops"], rel=1e-12)  # from its applications and tokens
+    assert report.executed_flops(report.Record(old)) == pytest.approx(r["flops"], rel=1e-12)  # from its applications and tokens
     (again,) = run_train(data_dir, tmp_path, "--variants", "A3B:p_skip=0.5:adapters=1", "--budget_steps", "8",
                          "--budget_unit", "applications", "--resume")  # the same run: reused
     assert again["cost"] == r["cost"]
@@ -942,322 +946,6 @@ def test_grad_accumulation_equals_the_combined_batch(data_dir, tmp_path):
     assert [e["loss"] for e in accum["train_log"]] == pytest.approx([e["loss"] for e in combined["train_log"]], abs=1e-5)
 
 # -----------------------------------------------------------------------------
-# effective compute and the scaling-law fit
-
-def test_scaling_law_fit_recovers_known_parameters():
-    x = np.logspace(6, 10, 12)
-    fit = train.fit_scaling_law(x, 40 * x ** -0.3 + 1.5)
-    assert (fit["beta"], fit["c"], fit["eps_inf"]) == pytest.approx((40, 0.3, 1.5), rel=1e-6)
-    noise = 1 + 0.001 * np.random.default_rng(0).standard_normal(len(x))
-    fit = train.fit_scaling_law(x, (40 * x ** -0.3 + 1.5) * noise)
-    assert fit["c"] == pytest.approx(0.3, rel=0.1) and fit["eps_inf"] == pytest.approx(1.5, rel=0.02)
-
-def test_law_across_budgets_uses_final_losses_as_trained_and_skips_short_sweeps():
-    law = lambda x: 40 * x ** -0.3 + 1.5
-
-    def record(variant, budget, seed, loss_as_trained, recursive):
-        evals = [dict(rounds=r, val_loss=loss_as_trained if r == 3 else 9.0) for r in (1, 3, 4)] if recursive \
-            else [dict(rounds=None, val_loss=loss_as_trained)]
-        return train.Record({**hand_record(variant, budget_steps=budget, seed=seed), "cost": 1e6 * budget,
-                             "evals": evals, "trained_rounds": 3 if recursive else None})
-
-    budgets = (100, 300, 1000, 3000)
-    for spread in (0.0, 0.01):  # seeds at -spread, 0, +spread about the law
-        records = [record("A3B", b, s, law(1e6 * b) + spread * (s - 1), True) for b in budgets for s in range(3)]
-        records += [record("AB", b, 0, law(1e6 * b), False) for b in budgets[:2]]  # two budgets: no fit
-        (fit,) = train.budget_fits(records, n_boot=40)
-        assert (fit["variant"], fit["budgets"]) == ("A3B", list(budgets))
-        assert (fit["c"], fit["eps_inf"]) == pytest.approx((0.3, 1.5), rel=0.05)  # the seeds average out
-        assert (fit["c_std"] > 0.01) == (spread > 0)  # the bootstrap sees the spread over seeds, and only it
-
-def test_effective_compute_ratio_by_hand():
-    # the baseline's final losses at three budgets, two seeds each (their mean: 2.5, 3.0, 2.0)
-    baseline = [(2e6, 2.4), (1e6, 3.1), (4e6, 2.0), (2e6, 2.6), (1e6, 2.9), (4e6, 2.0)]
-    # 2.25 lies halfway between 2.5 and 2.0, so halfway between 2e6 and 4e6 in log compute: sqrt(8e12)
-    assert train.effective_compute(2.25, 1e6, baseline) == (pytest.approx(math.sqrt(8e12) / 1e6), "")
-    assert train.effective_compute(2.75, 2e6, baseline) == (pytest.approx(math.sqrt(2e12) / 2e6), "")
-    assert train.effective_compute(2.5, 2e6, baseline) == (pytest.approx(1.0), "")  # the baseline itself
-    # beyond the baseline's budgets the ratio is only a bound, taken at the nearest end
-    assert train.effective_compute(1.9, 1e6, baseline) == (pytest.approx(4.0), ">")
-    assert train.effective_compute(3.2, 2e6, baseline) == (pytest.approx(0.5), "<")
-    # a baseline that gets worse with more compute (repeating its data): the first budget that reaches
-    # the loss counts; 2.4 is 3/4 of the way from 3.0 to 2.2, so 1e6 * 2 ** 0.75
-    worse = [(1e6, 3.0), (2e6, 2.2), (4e6, 2.6)]
-    assert train.effective_compute(2.4, 1e6, worse) == (pytest.approx(2 ** 0.75), "")
-    assert train.effective_compute(2.3, 1e6, worse)[0] < train.effective_compute(2.25, 1e6, worse)[0] <= 2.0
-
-# -----------------------------------------------------------------------------
-# --report and --compare's summary: tables and figures from the run files
-
-def test_report_joins_runs_of_several_invocations_and_filters(data_dir, tmp_path, capsys):
-    run_train(data_dir, tmp_path, "--variants", "AB", "--seeds", "0,1", "--budget_steps", "8")
-    ab_rows = open(tmp_path / "results.csv").read().splitlines()
-    run_train(data_dir, tmp_path, "--variants", "A2B", "--budget_steps", "8")
-    a2b_rows = open(tmp_path / "results.csv").read().splitlines()
-    assert len(ab_rows) == 1 + 2 and len(a2b_rows) == 1 + 3  # each invocation wrote only its own runs
-
-    records = train.main(["--report", str(tmp_path)])  # every variant, in alphabetical order
-    assert open(tmp_path / "results.csv").read().splitlines() == a2b_rows + ab_rows[1:]
-    assert [r["run"]["name"] for r in records] == ["A2B_b8_s0", "AB_b8_s0", "AB_b8_s1"]
-
-    capsys.readouterr()
-    train.main(["--report", str(tmp_path), "--variants", "AB", "--plot", str(tmp_path / "ab.png")])
-    table = capsys.readouterr().out
-    losses = [r["evals"][0]["val_loss"] for r in records[1:]]
-    mean, std = sum(losses) / 2, abs(losses[0] - losses[1]) / 2 ** 0.5  # sample std of two values
-    assert f"{mean:.4f} ± {std:.4f}" in table and "A2B" not in table
-    assert len(open(tmp_path / "results.csv").read().splitlines()) == 1 + 2 + 3  # a subset leaves the files
-
-    with pytest.raises(SystemExit, match="no finished runs of ABAB in"):
-        train.main(["--report", str(tmp_path), "--variants", "AB,ABAB"])
-    # another budget of the same variant joins (its own warm-up steps); other settings do not
-    run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "16")
-    assert len(train.main(["--report", str(tmp_path), "--variants", "AB"])) == 3
-    # a subset keeps the baseline's whole curve, so A2B's effective compute does not change with it
-    full = [row for row in train.result_rows(train.main(["--report", str(tmp_path)]), "AB") if row["variant"] == "A2B"]
-    subset = train.main(["--report", str(tmp_path), "--variants", "A2B", "--budget_steps", "8"])
-    assert sorted(r["run"]["name"] for r in subset) == ["A2B_b8_s0", "AB_b16_s0", "AB_b8_s0", "AB_b8_s1"]
-    assert [row for row in train.result_rows(subset, "AB") if row["variant"] == "A2B"] == full
-    assert all(row["effective_compute"] is not None for row in full)
-    for other in (["--warmup_frac", "0.5"], ["--weight_decay", "0"]):  # warm-up: its rule, not its steps
-        shutil.rmtree(tmp_path / "AB_b12_s0", ignore_errors=True)
-        run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "12", *other)
-        with pytest.raises(SystemExit, match="holds runs of AB with other settings"):
-            train.main(["--report", str(tmp_path)])
-    with pytest.raises(SystemExit, match="no finished runs of budget 9 in"):
-        train.main(["--report", str(tmp_path), "--budget_steps", "8,9"])
-
-def test_one_budget_comparison_names_the_winner_and_says_why_there_is_no_ratio(data_dir, tmp_path, capsys):
-    records = by_variant(run_train(data_dir, tmp_path, "--variants", "AB,A2B,A3B", "--budget_steps", "8"))
-    out = capsys.readouterr().out
-    # independent: the final losses from run.json; the one-budget verdict is their difference at equal compute
-    loss = {v: r["evals"][-1 if v == "AB" else [e["rounds"] for e in r["evals"]].index(r["trained_rounds"])]
-            ["val_loss"] for v, r in records.items()}
-    assert f"A2B {loss['A2B'] - loss['AB']:+.4f}, A3B {loss['A3B'] - loss['AB']:+.4f} nats" in out
-    ranked = sorted(loss, key=loss.get)
-    assert f"{ranked[0]} won by {loss[ranked[1]] - loss[ranked[0]]:.4f} nats over {ranked[1]}" in out
-    assert "it needs the baseline AB at two budgets or more" in out and "eff. compute" not in out
-    assert out.strip().endswith("what the repository's studies found: RESULTS.md")
-    assert (tmp_path / "loss_vs_cost.png").stat().st_size > 0 and not (tmp_path / "budget_fits.json").exists()
-
-def test_grids_are_drawn_against_the_setting_they_vary(data_dir, tmp_path):
-    lr = tmp_path / "lr"
-    records = run_train(data_dir, lr, "--variants", "AB:learning_rate=0.01,AB:learning_rate=0.02",
-                        "--budget_steps", "6")
-    assert train.grid_key(records) == "learning_rate" and (lr / "loss_vs_cost.png").stat().st_size > 0
-    # warm-up: one folder per fraction; several folders at one budget make one grid, else the headline
-    for frac in ("0.1", "0.3"):
-        run_train(data_dir, tmp_path / f"w{frac}", "--variants", "AB", "--budget_steps", "6", "--warmup_frac", frac)
-    train.main(["--report", str(tmp_path / "w0.1"), str(tmp_path / "w0.3"), "--plot", str(tmp_path / "w.png")])
-    assert (tmp_path / "w.png").stat().st_size > 0
-    with pytest.raises(SystemExit, match="needs --plot"):
-        train.main(["--report", str(tmp_path / "w0.1"), str(tmp_path / "w0.3")])
-
-def test_a_study_of_older_runs_extends_with_runs_scored_at_every_depth(data_dir, tmp_path, capsys):
-    # older runs: run.json without budget_unit (applications, then), scored at rounds 1, r and r + 1 only
-    run_train(data_dir, tmp_path, "--variants", "AB,A3B", "--budget_steps", "8,16", "--budget_unit", "applications")
-    for path in tmp_path.glob("*/run.json"):
-        record = json.loads(path.read_text())
-        del record["run"]["train"]["budget_unit"]
-        record["evals"] = [e for e in record["evals"] if e["rounds"] != 2]
-        path.write_text(json.dumps(record))
-    # the remake command adds a seed: the older runs are reused (the same settings), the new ones scored at 1..r+1
-    run_train(data_dir, tmp_path, "--variants", "AB,A3B", "--budget_steps", "8,16", "--seeds", "0,1",
-              "--budget_unit", "applications", "--resume")
-    capsys.readouterr()
-    records = train.main(["--report", str(tmp_path)])
-    table = capsys.readouterr().out
-    a3b = {r["run"]["train"]["seed"]: {e["rounds"]: e["val_loss"] for e in r["evals"]} for r in records
-           if r["run"]["name"].startswith("A3B_b16")}
-    assert sorted(a3b[0]) == [1, 3, 4] and sorted(a3b[1]) == [1, 2, 3, 4]
-    cells = [re.split(r"\s{2,}", line) for line in table.splitlines()]
-    rows = {(c[0], c[2], c[3]): c for c in cells if len(c) > 9}  # variant, budget, rounds
-    for rounds, seeds in ((1, [0, 1]), (2, [1]), (3, [0, 1]), (4, [0, 1])):  # each depth: the seeds that have it
-        row = rows["A3B", "16", str(rounds)]
-        assert row[5] == str(len(seeds)) and row[9].startswith(f"{np.mean([a3b[s][rounds] for s in seeds]):.4f}")
-    # the rounds panel averages the seeds at the rounds both have
-    ax = new_axes()
-    train.plot_rounds(ax, records, train.styles(records))
-    line = next(l for l in ax.lines if l.get_color() == "tab:red" and len(l.get_xdata()) > 1)
-    assert list(line.get_xdata()) == [1, 3, 4]
-    assert np.allclose(line.get_ydata(), [np.mean([a3b[s][k] for s in (0, 1)]) for k in (1, 3, 4)])
-    # --seeds selects, the baseline with it at every budget
-    assert [r["run"]["name"] for r in train.main(["--report", str(tmp_path), "--seeds", "1"])] == [
-        "A3B_b8_s1", "A3B_b16_s1", "AB_b8_s1", "AB_b16_s1"]
-
-def new_axes():
-    from matplotlib.figure import Figure
-    return Figure().subplots()
-
-def test_per_token_gain_is_the_baseline_at_half_the_budget_minus_a_twice_as_costly_variant(data_dir, tmp_path, capsys):
-    # in applications A3B costs exactly 2x AB per token (it pairs) and A2B 1.5x (it does not)
-    run_train(data_dir, tmp_path, "--variants", "AB,A2B,A3B", "--budget_steps", "8,16", "--seeds", "0,1",
-              "--budget_unit", "applications")
-    records = train.read_runs(str(tmp_path))
-
-    def loss(name):  # independent: the eval at the trained depth, read straight from run.json
-        return final_loss(json.loads((tmp_path / name / "run.json").read_text()))
-    gains = {s: loss(f"AB_b8_s{s}") - loss(f"A3B_b16_s{s}") for s in (0, 1)}
-    # A3B at 8 has no AB at 4, and A2B is not twice the cost: A3B at 16 is the only row
-    rows = train.per_token_gains(records, "AB")
-    assert [(row["variant"], row["budget_steps"]) for row in rows] == [("A3B", 16)]
-    assert rows[0]["gains"] == pytest.approx(gains, abs=1e-12)
-    assert rows[0]["tokens_per_param"] == pytest.approx(16 * TOKENS_PER_STEP / records[-1]["n_params"])
-
-    capsys.readouterr()
-    train.main(["--report", str(tmp_path), "--plot", str(tmp_path / "x.png")])
-    out = capsys.readouterr().out
-    assert "AB's final val loss at budget B/2 minus the variant's at B, same seed" in out
-    mean = (gains[0] + gains[1]) / 2
-    cells = [f"{g:+.4f}" for g in (gains[0], gains[1], mean)]
-    assert re.search(r"\nA3B +16 .* " + " +".join(map(re.escape, cells)) + "\n", out)
-    train.main(["--report", str(tmp_path), "--variants", "A2B", "--plot", str(tmp_path / "x.png")])
-    assert "per-token gain" not in capsys.readouterr().out  # no pair: not even the header
-
-def test_report_refuses_a_folder_of_two_budget_units(data_dir, tmp_path):
-    # AB in applications, A3B in FLOPs: a ratio would read A3B's FLOPs on AB's curve of applications
-    run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "8,16", "--budget_unit", "applications")
-    run_train(data_dir, tmp_path, "--variants", "A3B", "--budget_steps", "8", "--budget_unit", "flops")
-    for folders in ([str(tmp_path)], [str(tmp_path), str(tmp_path)]):
-        with pytest.raises(SystemExit, match=r"^error: .* mixes budgets in applications and flops, .*: report them"):
-            train.main(["--report", *folders, "--plot", str(tmp_path / "x.png")])
-
-def test_the_ratio_figure_tells_variants_of_a_layout_apart_and_labels_small_budgets():
-    record = lambda variant, signature: hand_record(variant, tiny_config(signature=signature))
-    records = [record("A3B", "A3B"), record("A3B", "A3B"), record("A3B:batch_size=16", "A3B"), record("AB", "AB")]
-    style = train.styles(records)
-    # one layout, one colour and marker; the variant drawn as a lone point still stands apart by its fill
-    assert style["A3B"]["color"] == style["A3B:batch_size=16"]["color"]
-    assert style["A3B"]["fillstyle"] == "full" != style["A3B:batch_size=16"]["fillstyle"] != "none"
-    # budgets of 0.25, 0.5 and 52 AB tokens per parameter (budget_steps x 10 tokens per step / 1,000 parameters)
-    rows = [dict(variant=v, rounds=None, trained=True, budget_steps=b, tokens=10 * b, steps=b, n_params=1000,
-                 effective_compute_flops=0.5, effective_compute_flops_bound="")
-            for v in ("AB", "A3B") for b in (25, 50, 5200)]
-    ax = new_axes()
-    train.plot_ratio(ax, rows, "AB", style)
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.25", "0.5", "52"]
-    # a budget within 0.15 decades of a labelled one (5,600 against 5,200 steps) gets no label of its own
-    ax = new_axes()
-    train.plot_ratio(ax, rows + [{**rows[-1], "budget_steps": 5600, "tokens": 56000, "steps": 5600}], "AB", style)
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.25", "0.5", "52"]
-
-# -----------------------------------------------------------------------------
-# the numbers RESULTS.md quotes, recomputed from the committed results
-
-def committed_runs(folder):
-    """The records of results/<folder>/*/run.json, as the repository ships them."""
-    return [train.Record(json.load(open(p))) for p in glob.glob(os.path.join(ROOT, "results", folder, "*", "run.json"))]
-
-def final_loss(record):
-    """A run's final validation loss as trained, read straight from its record (not train.trained_loss)."""
-    return next(e["val_loss"] for e in record["evals"] if e["rounds"] == record["trained_rounds"])
-
-def committed_ratios(folder):
-    """(variant, budget_steps) -> (AB's tokens per parameter, [(ratio, bound)] in applications, the same in FLOPs),
-    from the run.json files alone, written out apart from train.effective_compute: the baseline AB's final loss,
-    averaged over seeds at each budget, its running best, the compute at a loss read between the two budgets
-    that bracket it, linearly in log compute; beyond AB's budgets, the ratio at the nearest end as a bound."""
-    runs, final = committed_runs(folder), final_loss
-    ab = [r for r in runs if r["run"]["variant"] == "AB"]
-    # the FLOPs a run executed: the accounting itself is tested under "compute accounting"
-    flops = {r["run"]["name"]: train.executed_flops(r) for r in runs}
-    def ratio(loss, cost, compute):  # compute: a run -> its training compute
-        costs = sorted({compute(r) for r in ab})
-        best = np.minimum.accumulate([np.mean([final(r) for r in ab if compute(r) == c]) for c in costs])
-        if loss <= best[-1] or loss >= best[0]:
-            end = -1 if loss <= best[-1] else 0
-            return costs[end] / cost, "" if loss == best[end] else ">" if end else "<"
-        i = next(i for i, b in enumerate(best) if b <= loss)
-        w = (best[i - 1] - loss) / (best[i - 1] - best[i])
-        return math.exp(math.log(costs[i - 1]) + w * (math.log(costs[i]) - math.log(costs[i - 1]))) / cost, ""
-    out = {}
-    for r in runs:
-        budget = r["run"]["train"]["budget_steps"]
-        per_param = np.mean([a["tokens_per_param"] for a in ab if a["run"]["train"]["budget_steps"] == budget])
-        cell = out.setdefault((r["run"]["variant"], budget), (per_param, [], []))
-        cell[1].append(ratio(final(r), r["cost"], lambda a: a["target"]))
-        cell[2].append(ratio(final(r), flops[r["run"]["name"]], lambda a: flops[a["run"]["name"]]))
-    return out
-
-def written(values, digits):
-    """Values over seeds as RESULTS.md writes them: mean ± sample std, the mean alone for one seed."""
-    return f"{np.mean(values):.{digits}f}" + (f" ± {np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else "")
-
-def written_ratio(ratios):
-    """[(ratio, bound)] over seeds as RESULTS.md writes them: the bound ('<': at most, '>': at least), then
-    mean ± std."""
-    return "".join(sorted({b for _, b in ratios})) + written([x for x, _ in ratios], 2)
-
-def test_results_md_ratios_agree_with_the_committed_studies():
-    text = open(os.path.join(ROOT, "RESULTS.md")).read()
-    quoted = re.findall(r"^\| `([^`]+)` \| (\d+) \| (\d+) \| (\d) \| ([<>]?[0-9.]+(?: ± [0-9.]+)?) \| "
-                        r"([<>]?[0-9.]+(?: ± [0-9.]+)?) \|$", text, re.M)
-    studies = re.findall(r"^(\w+)\n\| variant \| AB steps", text, re.M)
-    assert studies == ["regime", "regime_w32", "grammar", "lm"] and len(quoted) > 40
-    cells = {key: cell for folder in studies for key, cell in committed_ratios(folder).items()}
-    for variant, budget, tokens_per_param, seeds, apps, flops in quoted:
-        per_param, in_apps, in_flops = cells[variant, int(budget)]
-        assert (int(seeds), apps, flops) == (len(in_apps), written_ratio(in_apps), written_ratio(in_flops))
-        assert round(per_param) == int(tokens_per_param)
-    # README's headline: A3B at 0.45-0.55 on Shakespeare (4 x 48 and 4 x 32) up to 214 AB tokens per parameter,
-    # and under a third (AB needs over three times its compute) at 1,002
-    found = " ".join(open(os.path.join(ROOT, "README.md")).read().split("## What we found")[1].split("##")[0].split())
-    assert "0.45-0.55" in found and "1,002" in found and "three times" in found
-    a3b = [(per_param, np.mean([x for x, _ in in_flops])) for folder, name in (("regime", "A3B:learning_rate=0.01"),
-           ("regime_w32", "A3B")) for (v, _), (per_param, _, in_flops) in committed_ratios(folder).items() if v == name]
-    assert len([x for x in a3b if x[0] < 215]) == 7 and all(0.45 <= round(r, 2) <= 0.55 for t, r in a3b if t < 215)
-    assert [r < 1 / 3 for t, r in a3b if round(t) == 1002] == [True]
-    # the headline's tie: p_skip 0.8 at one round minus AB, paired by seed, at 6,000 and 12,000 AB steps
-    runs = [json.load(open(p)) for p in glob.glob(os.path.join(ROOT, "results", "regime", "*", "run.json"))]
-    final = {(r["run"]["variant"], r["run"]["train"]["budget_steps"], r["run"]["train"]["seed"]):
-             {e["rounds"]: e["val_loss"] for e in r["evals"]} for r in runs}
-    d = [final[v, b, s][1] - final["AB", b, s][None] for v, b, s in final
-         if v.startswith("A3B:p_skip=0.8") and b in (6000, 12000)]
-    half = {4: 2.776}[len(d) - 1] * np.std(d, ddof=1) / math.sqrt(len(d))  # t quantile, 4 degrees of freedom
-    mean = np.mean(d)
-    signed = lambda x: f"{x:+.3f}".replace("-", "−")  # RESULTS.md writes a minus sign
-    assert f"{signed(mean)} nats pooled, with a 95% t-interval\n  of {signed(mean - half)} to {signed(mean + half)}" in text
-
-def test_results_md_depth_tables_agree_with_the_committed_runs():
-    """The depth study in RESULTS.md, recomputed from run.json: each table's header (AB tokens per parameter,
-    AB epochs), each cell's final loss over seeds and its effective-compute ratio in FLOPs; and the per-token
-    gains, AB's final loss at B/2 minus the variant's at B, the same seed."""
-    text = open(os.path.join(ROOT, "RESULTS.md")).read()
-    runs = {folder: committed_runs(folder) for folder in ("regime_w32", "depth8", "depth16")}
-    final = final_loss
-    of = lambda folder, variant, budget: sorted((r for r in runs[folder] if r["run"]["variant"] == variant
-                                                 and r["run"]["train"]["budget_steps"] == budget),
-                                                key=lambda r: r["run"]["train"]["seed"])
-    tables = re.findall(r"^\| variant \(`results/(\w+)`\) \|(.*)\|\n\|[-|]+\|\n((?:\|.*\|\n)+)", text, re.M)
-    assert [folder for folder, _, _ in tables] == ["depth8", "depth16"]
-    for folder, header, body in tables:
-        ratios, budgets = committed_ratios(folder), []
-        for column in header.split("|"):
-            budget, per_param, epochs = re.fullmatch(r" (\d+) \((\d+) t/p, ([0-9.]+) ep\) ", column).groups()
-            budgets.append(int(budget))
-            ab = of(folder, "AB", int(budget))
-            assert round(np.mean([r["tokens_per_param"] for r in ab])) == int(per_param)
-            assert f"{np.mean([r['epochs'] for r in ab]):.2f}" == epochs
-        for line in body.splitlines():
-            variant, *cells = [c.strip() for c in line.strip("|").split("|")]
-            variant = variant.strip("`")
-            for budget, cell in zip(budgets, cells, strict=True):
-                group = of(folder, variant, budget)
-                ratio = "" if variant == "AB" or not group else f"; ×{written_ratio(ratios[variant, budget][2])}"
-                assert cell == (f"{written([final(r) for r in group], 3)}{ratio} ({len(group)})" if group else "")
-    gains = re.findall(r"^\| `(\w+)` \((\d+)\) \| `([^`]+)` \| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| "
-                       r"([-+][0-9.]+) \| ([-+][0-9.]+) \| ([-+][0-9.]+) \|$", text, re.M)
-    assert sorted({(folder, int(layers)) for folder, layers, *_ in gains}) == [("depth16", 16), ("depth8", 8), ("regime_w32", 4)]
-    for folder, layers, variant, budget, per_param, epochs, *quoted in gains:
-        ab, seed = of(folder, "AB", int(budget)), lambda r: r["run"]["train"]["seed"]
-        half = {seed(r): final(r) for r in of(folder, "AB", int(budget) // 2)}
-        deltas = [half[seed(r)] - final(r) for r in of(folder, variant, int(budget)) if seed(r) in half]
-        assert quoted == [f"{d:+.4f}" for d in deltas[:2]] + [f"{np.mean(deltas):+.4f}"]
-        assert ab[0]["run"]["model"]["n_layer"] == int(layers)
-        assert (f"{np.mean([r['tokens_per_param'] for r in ab]):.1f}", f"{np.mean([r['epochs'] for r in ab]):.3f}") \
-            == (per_param, epochs)
-
-# -----------------------------------------------------------------------------
 # sampling
 
 def test_sample_uses_the_checkpoint_and_the_rounds_asked_for(data_dir, tmp_path, capsys):
@@ -1296,7 +984,7 @@ def test_greedy_generation_is_the_argmax():
     assert model.generate(torch.tensor([[1, 2, 3]]), 12, temperature=0)[0].tolist() == idx
 
 # -----------------------------------------------------------------------------
-# bad input to train.py and data/prepare.py: one clear line, before any compute
+# bad input to train.py, report.py, bench.py and data/prepare.py: one clear line, before any compute
 
 def copy_dataset(data_dir, tmp_path, **replace):
     """A copy of the synthetic dataset in tmp_path/data/syn, with some of its files replaced (bytes)."""
@@ -1385,22 +1073,11 @@ BAD_TRAIN_INPUTS = {
     "sample temperature -1": (lambda tmp, d: ["--sample", "--temperature", "-1"], "--temperature must be >= 0"),
     "sample max_new_tokens -5": (lambda tmp, d: ["--sample", "--max_new_tokens", "-5"], "--max_new_tokens must be"),
     "sample num_samples 0": (lambda tmp, d: ["--sample", "--num_samples", "0"], "--num_samples must be >= 1"),
-    # --report, --bench
-    "report over a damaged run.json": (lambda tmp, d: ["--report", str(tmp / "out")] + broken_run(tmp, "run.json", b"["),
-                                       "is not readable JSON"),
-    "report over another program's run.json": (lambda tmp, d: ["--report", report_folder(tmp, d, '{"a": 1}')],
-                                                "run.json is not a train.py run record"),
-    "report a seed it lacks": (lambda tmp, d: ["--report", report_folder(tmp, d), "--seeds", "5"],
-                               "no finished runs of seed 5 in"),
-    "report against a baseline it lacks": (lambda tmp, d: ["--report", report_folder(tmp, d), "--baseline", "ZZ"],
-                                           "--baseline ZZ: "),
     "compare against a baseline it lacks": (lambda tmp, d: ["--variants", "AB,A3B", "--baseline", "ZZ"],
                                             "--baseline ZZ is none of the variants (A3B, AB)"),
-    "report several folders, a subset": (lambda tmp, d: ["--report", report_folder(tmp, d), report_folder(tmp, d),
-                                                          "--plot", str(tmp / "x.png"), "--variants", "AB"],
-                                         "select runs of one folder"),
-    "bench repeats 0": (lambda tmp, d: ["--bench", "--bench_repeats", "0"], "--bench_repeats must be >= 1"),
-    "bench batch 0": (lambda tmp, d: ["--bench", "--batch_size", "0"], "--batch_size must be >= 1"),
+    # the modes that moved to their own scripts
+    "--report moved": (lambda tmp, d: ["--report", str(tmp)], "python report.py DIR"),
+    "--bench moved": (lambda tmp, d: ["--bench"], "python bench.py"),
 }
 if not torch.cuda.is_available():
     BAD_TRAIN_INPUTS["cuda without CUDA"] = (lambda tmp, d: ["--device", "cuda"], "CUDA is not available here")
@@ -1415,13 +1092,53 @@ def test_bad_input_is_one_clear_line_before_compute(data_dir, tmp_path, case):
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert set(tmp_path.rglob("*")) == created  # nothing written: no run folder, lock, checkpoint or result
 
+# Bad input to report.py and bench.py, the same rule: each case returns the script's arguments
+BAD_LAB_INPUTS = {
+    "report over a damaged run.json": (report, lambda tmp, d: damaged_folder(tmp, b"["), "is not readable JSON"),
+    "report over another program's run.json": (report, lambda tmp, d: [report_folder(tmp, d, '{"a": 1}')],
+                                                "run.json is not a train.py run record"),
+    "report a seed it lacks": (report, lambda tmp, d: [report_folder(tmp, d), "--seeds", "5"],
+                               "no finished runs of seed 5 in"),
+    "report against a baseline it lacks": (report, lambda tmp, d: [report_folder(tmp, d), "--baseline", "ZZ"],
+                                           "--baseline ZZ: "),
+    "report several folders, a subset": (report, lambda tmp, d: [report_folder(tmp, d), report_folder(tmp, d),
+                                                                  "--plot", str(tmp / "x.png"), "--variants", "AB"],
+                                         "select runs of one folder"),
+    "report several folders, no plot": (report, lambda tmp, d: [report_folder(tmp, d), report_folder(tmp, d)],
+                                        "several folders need --plot"),
+    "report budgets a": (report, lambda tmp, d: [report_folder(tmp, d), "--budget_steps", "a"],
+                         "--budget_steps takes comma-separated integers"),
+    "bench repeats 0": (bench, lambda tmp, d: ["--repeats", "0", "--out_dir", str(tmp / "out")],
+                        "--repeats must be >= 1"),
+    "bench batch 0": (bench, lambda tmp, d: ["--batch_size", "0", "--out_dir", str(tmp / "out")],
+                      "--batch_size must be >= 1"),
+    "bench device tpu9": (bench, lambda tmp, d: ["--device", "tpu9", "--out_dir", str(tmp / "out")],
+                          "'tpu9' is not a device"),
+}
+
+def damaged_folder(tmp_path, content):
+    broken_run(tmp_path, "run.json", content)
+    return [str(tmp_path / "out")]
+
+@pytest.mark.parametrize("case", BAD_LAB_INPUTS)
+def test_bad_input_to_report_and_bench_is_one_clear_line(data_dir, tmp_path, case):
+    script, make_args, message = BAD_LAB_INPUTS[case]
+    args = make_args(tmp_path, data_dir)
+    created = set(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as e:
+        script.main(args)
+    assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert set(tmp_path.rglob("*")) == created  # nothing written
+
 def test_bad_input_through_the_command_line_exits_with_one_line():
-    for args in (["--signature", "A99999999999B"], ["--sample", "--ckpt", "/nonexistent/ckpt.pt"],
-                 ["--device", "tpu9"], ["--report", "/nonexistent"]):
-        p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args, capture_output=True, text=True,
+    for script, args in (("train.py", ["--signature", "A99999999999B"]),
+                         ("train.py", ["--sample", "--ckpt", "/nonexistent/ckpt.pt"]), ("train.py", ["--device", "tpu9"]),
+                         ("train.py", ["--report", "results/depth8"]), ("report.py", ["/nonexistent"]),
+                         ("bench.py", ["--repeats", "0"])):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, script)] + args, capture_output=True, text=True,
                            env=ONE_THREAD, cwd=ROOT)
         lines = p.stderr.strip().splitlines()
-        assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (args, p.stderr)
+        assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (script, args, p.stderr)
 
 @pytest.mark.parametrize("files,flags,message", [
     ({"a.txt": "caf\u00e9 au lait".encode("latin-1"), "b.txt": b"fine"}, [], "a.txt is not UTF-8"),
@@ -1459,6 +1176,230 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(data_dir, tmp_path,
     ckpt = torch.load(tmp_path / "AB_b12_s0" / "ckpt.pt", weights_only=True)
     assert ckpt["state"]["step"] == 6
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+# =============================================================================
+# report.py: the effective-compute ratio, the law, tables and figures from run.json files
+
+# -----------------------------------------------------------------------------
+# effective compute and the scaling-law fit
+
+def test_scaling_law_fit_recovers_known_parameters():
+    x = np.logspace(6, 10, 12)
+    fit = report.fit_scaling_law(x, 40 * x ** -0.3 + 1.5)
+    assert (fit["beta"], fit["c"], fit["eps_inf"]) == pytest.approx((40, 0.3, 1.5), rel=1e-6)
+    noise = 1 + 0.001 * np.random.default_rng(0).standard_normal(len(x))
+    fit = report.fit_scaling_law(x, (40 * x ** -0.3 + 1.5) * noise)
+    assert fit["c"] == pytest.approx(0.3, rel=0.1) and fit["eps_inf"] == pytest.approx(1.5, rel=0.02)
+
+def test_law_across_budgets_uses_final_losses_as_trained_and_skips_short_sweeps():
+    law = lambda x: 40 * x ** -0.3 + 1.5
+
+    def record(variant, budget, seed, loss_as_trained, recursive):
+        evals = [dict(rounds=r, val_loss=loss_as_trained if r == 3 else 9.0) for r in (1, 3, 4)] if recursive \
+            else [dict(rounds=None, val_loss=loss_as_trained)]
+        return report.Record({**hand_record(variant, budget_steps=budget, seed=seed), "cost": 1e6 * budget,
+                             "evals": evals, "trained_rounds": 3 if recursive else None})
+
+    budgets = (100, 300, 1000, 3000)
+    for spread in (0.0, 0.01):  # seeds at -spread, 0, +spread about the law
+        records = [record("A3B", b, s, law(1e6 * b) + spread * (s - 1), True) for b in budgets for s in range(3)]
+        records += [record("AB", b, 0, law(1e6 * b), False) for b in budgets[:2]]  # two budgets: no fit
+        (fit,) = report.budget_fits(records, n_boot=40)
+        assert (fit["variant"], fit["budgets"]) == ("A3B", list(budgets))
+        assert (fit["c"], fit["eps_inf"]) == pytest.approx((0.3, 1.5), rel=0.05)  # the seeds average out
+        assert (fit["c_std"] > 0.01) == (spread > 0)  # the bootstrap sees the spread over seeds, and only it
+
+def test_effective_compute_ratio_by_hand():
+    # the baseline's final losses at three budgets, two seeds each (their mean: 2.5, 3.0, 2.0)
+    baseline = [(2e6, 2.4), (1e6, 3.1), (4e6, 2.0), (2e6, 2.6), (1e6, 2.9), (4e6, 2.0)]
+    # 2.25 lies halfway between 2.5 and 2.0, so halfway between 2e6 and 4e6 in log compute: sqrt(8e12)
+    assert report.effective_compute(2.25, 1e6, baseline) == (pytest.approx(math.sqrt(8e12) / 1e6), "")
+    assert report.effective_compute(2.75, 2e6, baseline) == (pytest.approx(math.sqrt(2e12) / 2e6), "")
+    assert report.effective_compute(2.5, 2e6, baseline) == (pytest.approx(1.0), "")  # the baseline itself
+    # beyond the baseline's budgets the ratio is only a bound, taken at the nearest end
+    assert report.effective_compute(1.9, 1e6, baseline) == (pytest.approx(4.0), ">")
+    assert report.effective_compute(3.2, 2e6, baseline) == (pytest.approx(0.5), "<")
+    # a baseline that gets worse with more compute (repeating its data): the first budget that reaches
+    # the loss counts; 2.4 is 3/4 of the way from 3.0 to 2.2, so 1e6 * 2 ** 0.75
+    worse = [(1e6, 3.0), (2e6, 2.2), (4e6, 2.6)]
+    assert report.effective_compute(2.4, 1e6, worse) == (pytest.approx(2 ** 0.75), "")
+    assert report.effective_compute(2.3, 1e6, worse)[0] < report.effective_compute(2.25, 1e6, worse)[0] <= 2.0
+
+# -----------------------------------------------------------------------------
+# the report and --compare's summary: tables and figures from the run files
+
+def test_report_joins_runs_of_several_invocations_and_filters(data_dir, tmp_path, capsys):
+    run_train(data_dir, tmp_path, "--variants", "AB", "--seeds", "0,1", "--budget_steps", "8")
+    ab_rows = open(tmp_path / "results.csv").read().splitlines()
+    run_train(data_dir, tmp_path, "--variants", "A2B", "--budget_steps", "8")
+    a2b_rows = open(tmp_path / "results.csv").read().splitlines()
+    assert len(ab_rows) == 1 + 2 and len(a2b_rows) == 1 + 3  # each invocation wrote only its own runs
+
+    records = report.main([str(tmp_path)])  # every variant, in alphabetical order
+    assert open(tmp_path / "results.csv").read().splitlines() == a2b_rows + ab_rows[1:]
+    assert [r["run"]["name"] for r in records] == ["A2B_b8_s0", "AB_b8_s0", "AB_b8_s1"]
+
+    capsys.readouterr()
+    report.main([str(tmp_path), "--variants", "AB", "--plot", str(tmp_path / "ab.png")])
+    table = capsys.readouterr().out
+    losses = [r["evals"][0]["val_loss"] for r in records[1:]]
+    mean, std = sum(losses) / 2, abs(losses[0] - losses[1]) / 2 ** 0.5  # sample std of two values
+    assert f"{mean:.4f} ± {std:.4f}" in table and "A2B" not in table
+    assert len(open(tmp_path / "results.csv").read().splitlines()) == 1 + 2 + 3  # a subset leaves the files
+
+    with pytest.raises(SystemExit, match="no finished runs of ABAB in"):
+        report.main([str(tmp_path), "--variants", "AB,ABAB"])
+    # another budget of the same variant joins (its own warm-up steps); other settings do not
+    run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "16")
+    assert len(report.main([str(tmp_path), "--variants", "AB"])) == 3
+    # a subset keeps the baseline's whole curve, so A2B's effective compute does not change with it
+    full = [row for row in report.result_rows(report.main([str(tmp_path)]), "AB") if row["variant"] == "A2B"]
+    subset = report.main([str(tmp_path), "--variants", "A2B", "--budget_steps", "8"])
+    assert sorted(r["run"]["name"] for r in subset) == ["A2B_b8_s0", "AB_b16_s0", "AB_b8_s0", "AB_b8_s1"]
+    assert [row for row in report.result_rows(subset, "AB") if row["variant"] == "A2B"] == full
+    assert all(row["effective_compute"] is not None for row in full)
+    for other in (["--warmup_frac", "0.5"], ["--weight_decay", "0"]):  # warm-up: its rule, not its steps
+        shutil.rmtree(tmp_path / "AB_b12_s0", ignore_errors=True)
+        run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "12", *other)
+        with pytest.raises(SystemExit, match="holds runs of AB with other settings"):
+            report.main([str(tmp_path)])
+    with pytest.raises(SystemExit, match="no finished runs of budget 9 in"):
+        report.main([str(tmp_path), "--budget_steps", "8,9"])
+
+def test_one_budget_comparison_names_the_winner_and_says_why_there_is_no_ratio(data_dir, tmp_path, capsys):
+    records = by_variant(run_train(data_dir, tmp_path, "--variants", "AB,A2B,A3B", "--budget_steps", "8"))
+    out = capsys.readouterr().out
+    # independent: the final losses from run.json; the one-budget verdict is their difference at equal compute
+    loss = {v: r["evals"][-1 if v == "AB" else [e["rounds"] for e in r["evals"]].index(r["trained_rounds"])]
+            ["val_loss"] for v, r in records.items()}
+    assert f"A2B {loss['A2B'] - loss['AB']:+.4f}, A3B {loss['A3B'] - loss['AB']:+.4f} nats" in out
+    ranked = sorted(loss, key=loss.get)
+    assert f"{ranked[0]} won by {loss[ranked[1]] - loss[ranked[0]]:.4f} nats over {ranked[1]}" in out
+    assert "it needs the baseline AB at two budgets or more" in out and "eff. compute" not in out
+    assert out.strip().endswith("what the repository's studies found: RESULTS.md")
+    assert (tmp_path / "loss_vs_cost.png").stat().st_size > 0 and not (tmp_path / "budget_fits.json").exists()
+
+def test_grids_are_drawn_against_the_setting_they_vary(data_dir, tmp_path):
+    lr = tmp_path / "lr"
+    records = run_train(data_dir, lr, "--variants", "AB:learning_rate=0.01,AB:learning_rate=0.02",
+                        "--budget_steps", "6")
+    assert report.grid_key(records) == "learning_rate" and (lr / "loss_vs_cost.png").stat().st_size > 0
+    # warm-up: one folder per fraction; several folders at one budget make one grid, else the headline
+    for frac in ("0.1", "0.3"):
+        run_train(data_dir, tmp_path / f"w{frac}", "--variants", "AB", "--budget_steps", "6", "--warmup_frac", frac)
+    report.main([str(tmp_path / "w0.1"), str(tmp_path / "w0.3"), "--plot", str(tmp_path / "w.png")])
+    assert (tmp_path / "w.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="need --plot"):
+        report.main([str(tmp_path / "w0.1"), str(tmp_path / "w0.3")])
+
+def test_a_study_of_older_runs_extends_with_runs_scored_at_every_depth(data_dir, tmp_path, capsys):
+    # older runs: run.json without budget_unit (applications, then), scored at rounds 1, r and r + 1 only
+    run_train(data_dir, tmp_path, "--variants", "AB,A3B", "--budget_steps", "8,16", "--budget_unit", "applications")
+    for path in tmp_path.glob("*/run.json"):
+        record = json.loads(path.read_text())
+        del record["run"]["train"]["budget_unit"]
+        record["evals"] = [e for e in record["evals"] if e["rounds"] != 2]
+        path.write_text(json.dumps(record))
+    # the remake command adds a seed: the older runs are reused (the same settings), the new ones scored at 1..r+1
+    run_train(data_dir, tmp_path, "--variants", "AB,A3B", "--budget_steps", "8,16", "--seeds", "0,1",
+              "--budget_unit", "applications", "--resume")
+    capsys.readouterr()
+    records = report.main([str(tmp_path)])
+    table = capsys.readouterr().out
+    a3b = {r["run"]["train"]["seed"]: {e["rounds"]: e["val_loss"] for e in r["evals"]} for r in records
+           if r["run"]["name"].startswith("A3B_b16")}
+    assert sorted(a3b[0]) == [1, 3, 4] and sorted(a3b[1]) == [1, 2, 3, 4]
+    cells = [re.split(r"\s{2,}", line) for line in table.splitlines()]
+    rows = {(c[0], c[2], c[3]): c for c in cells if len(c) > 9}  # variant, budget, rounds
+    for rounds, seeds in ((1, [0, 1]), (2, [1]), (3, [0, 1]), (4, [0, 1])):  # each depth: the seeds that have it
+        row = rows["A3B", "16", str(rounds)]
+        assert row[5] == str(len(seeds)) and row[9].startswith(f"{np.mean([a3b[s][rounds] for s in seeds]):.4f}")
+    # the rounds panel averages the seeds at the rounds both have
+    ax = new_axes()
+    report.plot_rounds(ax, records, report.styles(records))
+    line = next(l for l in ax.lines if l.get_color() == "tab:red" and len(l.get_xdata()) > 1)
+    assert list(line.get_xdata()) == [1, 3, 4]
+    assert np.allclose(line.get_ydata(), [np.mean([a3b[s][k] for s in (0, 1)]) for k in (1, 3, 4)])
+    # --seeds selects, the baseline with it at every budget
+    assert [r["run"]["name"] for r in report.main([str(tmp_path), "--seeds", "1"])] == [
+        "A3B_b8_s1", "A3B_b16_s1", "AB_b8_s1", "AB_b16_s1"]
+
+def new_axes():
+    from matplotlib.figure import Figure
+    return Figure().subplots()
+
+def test_per_token_gain_is_the_baseline_at_half_the_budget_minus_a_twice_as_costly_variant(data_dir, tmp_path, capsys):
+    # in applications A3B costs exactly 2x AB per token (it pairs) and A2B 1.5x (it does not)
+    run_train(data_dir, tmp_path, "--variants", "AB,A2B,A3B", "--budget_steps", "8,16", "--seeds", "0,1",
+              "--budget_unit", "applications")
+    records = report.read_runs(str(tmp_path))
+
+    def loss(name):  # independent: the eval at the trained depth, read straight from run.json
+        return final_loss(json.loads((tmp_path / name / "run.json").read_text()))
+    gains = {s: loss(f"AB_b8_s{s}") - loss(f"A3B_b16_s{s}") for s in (0, 1)}
+    # A3B at 8 has no AB at 4, and A2B is not twice the cost: A3B at 16 is the only row
+    rows = report.per_token_gains(records, "AB")
+    assert [(row["variant"], row["budget_steps"]) for row in rows] == [("A3B", 16)]
+    assert rows[0]["gains"] == pytest.approx(gains, abs=1e-12)
+    assert rows[0]["tokens_per_param"] == pytest.approx(16 * TOKENS_PER_STEP / records[-1]["n_params"])
+
+    capsys.readouterr()
+    report.main([str(tmp_path), "--plot", str(tmp_path / "x.png")])
+    out = capsys.readouterr().out
+    assert "AB's final val loss at budget B/2 minus the variant's at B, same seed" in out
+    mean = (gains[0] + gains[1]) / 2
+    cells = [f"{g:+.4f}" for g in (gains[0], gains[1], mean)]
+    assert re.search(r"\nA3B +16 .* " + " +".join(map(re.escape, cells)) + "\n", out)
+    report.main([str(tmp_path), "--variants", "A2B", "--plot", str(tmp_path / "x.png")])
+    assert "per-token gain" not in capsys.readouterr().out  # no pair: not even the header
+
+def test_report_refuses_a_folder_of_two_budget_units(data_dir, tmp_path):
+    # AB in applications, A3B in FLOPs: a ratio would read A3B's FLOPs on AB's curve of applications
+    run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "8,16", "--budget_unit", "applications")
+    run_train(data_dir, tmp_path, "--variants", "A3B", "--budget_steps", "8", "--budget_unit", "flops")
+    for folders in ([str(tmp_path)], [str(tmp_path), str(tmp_path)]):
+        with pytest.raises(SystemExit, match=r"^error: .* mixes budgets in applications and flops, .*: report them"):
+            report.main([*folders, "--plot", str(tmp_path / "x.png")])
+
+def test_the_ratio_figure_tells_variants_of_a_layout_apart_and_labels_small_budgets():
+    record = lambda variant, signature: hand_record(variant, tiny_config(signature=signature))
+    records = [record("A3B", "A3B"), record("A3B", "A3B"), record("A3B:batch_size=16", "A3B"), record("AB", "AB")]
+    style = report.styles(records)
+    # one layout, one colour and marker; the variant drawn as a lone point still stands apart by its fill
+    assert style["A3B"]["color"] == style["A3B:batch_size=16"]["color"]
+    assert style["A3B"]["fillstyle"] == "full" != style["A3B:batch_size=16"]["fillstyle"] != "none"
+    # budgets of 0.25, 0.5 and 52 AB tokens per parameter (budget_steps x 10 tokens per step / 1,000 parameters)
+    rows = [dict(variant=v, rounds=None, trained=True, budget_steps=b, tokens=10 * b, steps=b, n_params=1000,
+                 effective_compute_flops=0.5, effective_compute_flops_bound="")
+            for v in ("AB", "A3B") for b in (25, 50, 5200)]
+    ax = new_axes()
+    report.plot_ratio(ax, rows, "AB", style)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.25", "0.5", "52"]
+    # a budget within 0.15 decades of a labelled one (5,600 against 5,200 steps) gets no label of its own
+    ax = new_axes()
+    report.plot_ratio(ax, rows + [{**rows[-1], "budget_steps": 5600, "tokens": 56000, "steps": 5600}], "AB", style)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.25", "0.5", "52"]
+
+# =============================================================================
+# bench.py: speed side by side (ratios, not timings, are what a test can check)
+
+def test_bench_writes_every_row_with_consistent_ratios(tmp_path):
+    out = bench.main(["--n_layer", "4", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "2",
+                      "--vocab", "37", "--repeats", "1", "--max_new_tokens", "4", "--device", "cpu",
+                      "--out_dir", str(tmp_path)])
+    assert json.load(open(tmp_path / "bench.json")) == json.loads(json.dumps(out))  # all of it on disk
+    rows = {r["variant"]: r for r in out["train"]}
+    assert set(bench.BENCH_VARIANTS) <= set(rows) and {"AB, 8 layers", "AB, plain loop", "AB, whole logits"} <= set(rows)
+    # layer applications from the schedules, written out: AB 4, A2B 6, A3B 8, ABAB 8, (A3B)2 16
+    assert [rows[v]["layer_applications"] for v in ("AB", "A2B", "A3B", "ABAB", "(A3B)2", "AB, 8 layers")] == \
+        [4, 6, 8, 8, 16, 8]
+    for v, r in rows.items():  # per application against AB: the time ratio over the applications ratio
+        expected = r["ms_per_step"] / r["layer_applications"] / (rows["AB"]["ms_per_step"] / 4)
+        assert r["per_app_vs_ab"] == pytest.approx(expected)
+    assert rows["A3B"]["per_app_vs_plain"] == pytest.approx(rows["A3B"]["ms_per_step"] / rows["AB, 8 layers"]["ms_per_step"])
+    assert [(r["model"], r["batch"]) for r in out["decode"]] == [(m, b) for m in bench.DECODE_VARIANTS for b in (1, 64)]
+    for r in out["decode"]:
+        assert r["cached_vs_uncached"] == pytest.approx(r["eager cached tok/s"] / r["eager uncached tok/s"])
 
 # =============================================================================
 # data/: prepare.py and the grammar corpus (data/grammar.py)
@@ -1952,3 +1893,119 @@ def test_tiny_run_rises_above_chance_within_its_budget(task, variant):
     for rounds in (1, None):
         scores, _ = es.evaluate(model, task, data, tokens, rounds, "cpu")
         assert scores["test"] > 0.6, (rounds, scores)  # chance is 0.25
+
+
+# =============================================================================
+# documents: the numbers RESULTS.md quotes, recomputed from the committed run.json files
+
+
+def committed_runs(folder):
+    """The records of results/<folder>/*/run.json, as the repository ships them."""
+    return [report.Record(json.load(open(p))) for p in glob.glob(os.path.join(ROOT, "results", folder, "*", "run.json"))]
+
+def final_loss(record):
+    """A run's final validation loss as trained, read straight from its record (not report.trained_loss)."""
+    return next(e["val_loss"] for e in record["evals"] if e["rounds"] == record["trained_rounds"])
+
+def committed_ratios(folder):
+    """(variant, budget_steps) -> (AB's tokens per parameter, [(ratio, bound)] in applications, the same in FLOPs),
+    from the run.json files alone, written out apart from report.effective_compute: the baseline AB's final loss,
+    averaged over seeds at each budget, its running best, the compute at a loss read between the two budgets
+    that bracket it, linearly in log compute; beyond AB's budgets, the ratio at the nearest end as a bound."""
+    runs, final = committed_runs(folder), final_loss
+    ab = [r for r in runs if r["run"]["variant"] == "AB"]
+    # the FLOPs a run executed: the accounting itself is tested under "compute accounting"
+    flops = {r["run"]["name"]: report.executed_flops(r) for r in runs}
+    def ratio(loss, cost, compute):  # compute: a run -> its training compute
+        costs = sorted({compute(r) for r in ab})
+        best = np.minimum.accumulate([np.mean([final(r) for r in ab if compute(r) == c]) for c in costs])
+        if loss <= best[-1] or loss >= best[0]:
+            end = -1 if loss <= best[-1] else 0
+            return costs[end] / cost, "" if loss == best[end] else ">" if end else "<"
+        i = next(i for i, b in enumerate(best) if b <= loss)
+        w = (best[i - 1] - loss) / (best[i - 1] - best[i])
+        return math.exp(math.log(costs[i - 1]) + w * (math.log(costs[i]) - math.log(costs[i - 1]))) / cost, ""
+    out = {}
+    for r in runs:
+        budget = r["run"]["train"]["budget_steps"]
+        per_param = np.mean([a["tokens_per_param"] for a in ab if a["run"]["train"]["budget_steps"] == budget])
+        cell = out.setdefault((r["run"]["variant"], budget), (per_param, [], []))
+        cell[1].append(ratio(final(r), r["cost"], lambda a: a["target"]))
+        cell[2].append(ratio(final(r), flops[r["run"]["name"]], lambda a: flops[a["run"]["name"]]))
+    return out
+
+def written(values, digits):
+    """Values over seeds as RESULTS.md writes them: mean ± sample std, the mean alone for one seed."""
+    return f"{np.mean(values):.{digits}f}" + (f" ± {np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else "")
+
+def written_ratio(ratios):
+    """[(ratio, bound)] over seeds as RESULTS.md writes them: the bound ('<': at most, '>': at least), then
+    mean ± std."""
+    return "".join(sorted({b for _, b in ratios})) + written([x for x, _ in ratios], 2)
+
+def test_results_md_ratios_agree_with_the_committed_studies():
+    text = open(os.path.join(ROOT, "RESULTS.md")).read()
+    quoted = re.findall(r"^\| `([^`]+)` \| (\d+) \| (\d+) \| (\d) \| ([<>]?[0-9.]+(?: ± [0-9.]+)?) \| "
+                        r"([<>]?[0-9.]+(?: ± [0-9.]+)?) \|$", text, re.M)
+    studies = re.findall(r"^(\w+)\n\| variant \| AB steps", text, re.M)
+    assert studies == ["regime", "regime_w32", "grammar", "lm"] and len(quoted) > 40
+    cells = {key: cell for folder in studies for key, cell in committed_ratios(folder).items()}
+    for variant, budget, tokens_per_param, seeds, apps, flops in quoted:
+        per_param, in_apps, in_flops = cells[variant, int(budget)]
+        assert (int(seeds), apps, flops) == (len(in_apps), written_ratio(in_apps), written_ratio(in_flops))
+        assert round(per_param) == int(tokens_per_param)
+    # the headline's A3B: 0.45-0.55 on Shakespeare (4 x 48 and 4 x 32) up to 214 AB tokens per parameter, and under
+    # a third (AB needs over three times its compute) at 1,002
+    a3b = [(per_param, np.mean([x for x, _ in in_flops])) for folder, name in (("regime", "A3B:learning_rate=0.01"),
+           ("regime_w32", "A3B")) for (v, _), (per_param, _, in_flops) in committed_ratios(folder).items() if v == name]
+    assert len([x for x in a3b if x[0] < 215]) == 7 and all(0.45 <= round(r, 2) <= 0.55 for t, r in a3b if t < 215)
+    assert [r < 1 / 3 for t, r in a3b if round(t) == 1002] == [True]
+    # the headline's tie: p_skip 0.8 at one round minus AB, paired by seed, at 6,000 and 12,000 AB steps
+    runs = [json.load(open(p)) for p in glob.glob(os.path.join(ROOT, "results", "regime", "*", "run.json"))]
+    final = {(r["run"]["variant"], r["run"]["train"]["budget_steps"], r["run"]["train"]["seed"]):
+             {e["rounds"]: e["val_loss"] for e in r["evals"]} for r in runs}
+    d = [final[v, b, s][1] - final["AB", b, s][None] for v, b, s in final
+         if v.startswith("A3B:p_skip=0.8") and b in (6000, 12000)]
+    half = {4: 2.776}[len(d) - 1] * np.std(d, ddof=1) / math.sqrt(len(d))  # t quantile, 4 degrees of freedom
+    mean = np.mean(d)
+    signed = lambda x: f"{x:+.3f}".replace("-", "−")  # RESULTS.md writes a minus sign
+    assert f"{signed(mean)} nats pooled, with a 95% t-interval\n  of {signed(mean - half)} to {signed(mean + half)}" in text
+
+def test_results_md_depth_tables_agree_with_the_committed_runs():
+    """The depth study in RESULTS.md, recomputed from run.json: each table's header (AB tokens per parameter,
+    AB epochs), each cell's final loss over seeds and its effective-compute ratio in FLOPs; and the per-token
+    gains, AB's final loss at B/2 minus the variant's at B, the same seed."""
+    text = open(os.path.join(ROOT, "RESULTS.md")).read()
+    runs = {folder: committed_runs(folder) for folder in ("regime_w32", "depth8", "depth16")}
+    final = final_loss
+    of = lambda folder, variant, budget: sorted((r for r in runs[folder] if r["run"]["variant"] == variant
+                                                 and r["run"]["train"]["budget_steps"] == budget),
+                                                key=lambda r: r["run"]["train"]["seed"])
+    tables = re.findall(r"^\| variant \(`results/(\w+)`\) \|(.*)\|\n\|[-|]+\|\n((?:\|.*\|\n)+)", text, re.M)
+    assert [folder for folder, _, _ in tables] == ["depth8", "depth16"]
+    for folder, header, body in tables:
+        ratios, budgets = committed_ratios(folder), []
+        for column in header.split("|"):
+            budget, per_param, epochs = re.fullmatch(r" (\d+) \((\d+) t/p, ([0-9.]+) ep\) ", column).groups()
+            budgets.append(int(budget))
+            ab = of(folder, "AB", int(budget))
+            assert round(np.mean([r["tokens_per_param"] for r in ab])) == int(per_param)
+            assert f"{np.mean([r['epochs'] for r in ab]):.2f}" == epochs
+        for line in body.splitlines():
+            variant, *cells = [c.strip() for c in line.strip("|").split("|")]
+            variant = variant.strip("`")
+            for budget, cell in zip(budgets, cells, strict=True):
+                group = of(folder, variant, budget)
+                ratio = "" if variant == "AB" or not group else f"; ×{written_ratio(ratios[variant, budget][2])}"
+                assert cell == (f"{written([final(r) for r in group], 3)}{ratio} ({len(group)})" if group else "")
+    gains = re.findall(r"^\| `(\w+)` \((\d+)\) \| `([^`]+)` \| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| "
+                       r"([-+][0-9.]+) \| ([-+][0-9.]+) \| ([-+][0-9.]+) \|$", text, re.M)
+    assert sorted({(folder, int(layers)) for folder, layers, *_ in gains}) == [("depth16", 16), ("depth8", 8), ("regime_w32", 4)]
+    for folder, layers, variant, budget, per_param, epochs, *quoted in gains:
+        ab, seed = of(folder, "AB", int(budget)), lambda r: r["run"]["train"]["seed"]
+        half = {seed(r): final(r) for r in of(folder, "AB", int(budget) // 2)}
+        deltas = [half[seed(r)] - final(r) for r in of(folder, variant, int(budget)) if seed(r) in half]
+        assert quoted == [f"{d:+.4f}" for d in deltas[:2]] + [f"{np.mean(deltas):+.4f}"]
+        assert ab[0]["run"]["model"]["n_layer"] == int(layers)
+        assert (f"{np.mean([r['tokens_per_param'] for r in ab]):.1f}", f"{np.mean([r['epochs'] for r in ab]):.3f}") \
+            == (per_param, epochs)
