@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 import rins
 from data.prepare import gpt2_encoding, write_atomic
-from report import LAYOUT_STYLES, OTHER_STYLE, layout_name
+from report import DPI, LAYOUT_STYLES, OTHER_STYLE, WIDTH, layout_name, short
 
 # -----------------------------------------------------------------------------
 # Captions. Zero-shot must not see the training sentences, so the two template sets are disjoint.
@@ -477,31 +477,42 @@ def write_csv(rows, path):
             writer.writerows(rows)
     write_atomic(path, write)
 
-def plot(summary, chance, path):
-    """Bars per variant at 1x (hatched) and full depth (solid), one panel per (task, metric); each layout in
-    the colour it has in every figure of report.py."""
+# what each panel measures, in words: (task, metric) -> title
+PANEL_TITLES = {("siglip", "zs_test"): "zero-shot, test images", ("control", "acc_test"): "vision-only classifier",
+                ("siglip", "zs_seen"): "zero-shot, seen shape-colour pairs",
+                ("siglip", "zs_unseen"): "zero-shot, unseen pairs", ("control", "acc_seen"): "vision-only, seen pairs"}
+
+def plot(summary, chance, n_layer, path):
+    """Accuracy per variant, one panel per (task, metric) on one y scale: a recursive variant's bars at 1x
+    (hatched) and at full depth (solid), a variant without rounds (AB) once, as both are the same model; each
+    layout in the colour it has in every figure of report.py; chance dotted."""
     from matplotlib.figure import Figure  # no pyplot: no display, no global state
     from matplotlib.patches import Patch
     panels = list(dict.fromkeys((s["task"], s["metric"]) for s in summary))
-    fig = Figure(figsize=(4.5 * len(panels), 3.8))
-    for ax, (task, metric) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        cells = [s for s in summary if (s["task"], s["metric"]) == (task, metric)]
-        variants = list(dict.fromkeys(s["variant"] for s in cells))
-        colours = [LAYOUT_STYLES.get(layout(v), OTHER_STYLE)[0] for v in variants]
-        for k, depth in enumerate(("1x", "full")):
-            s = [next(c for c in cells if (c["variant"], c["depth"]) == (v, depth)) for v in variants]
-            ax.bar(np.arange(len(variants)) + 0.4 * k - 0.2, [c["mean"] for c in s], 0.4, yerr=[c["std"] for c in s],
-                   color=colours, alpha=0.45 if depth == "1x" else 1.0, hatch="//" if depth == "1x" else None,
-                   capsize=3, edgecolor="white")
+    fig = Figure(figsize=(WIDTH, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, (task, metric) in zip(axes, panels):
+        cells = {(c["variant"], c["depth"]): c for c in summary if (c["task"], c["metric"]) == (task, metric)}
+        bars, ticks, x = [], [], 0.0  # (x, cell, depth) of every bar; (x, name) under each variant's bars
+        for variant in dict.fromkeys(v for v, _ in cells):
+            signature = rins.parse_variant(variant, rins.MODEL_KEYS)[0]
+            rounds = rins.GPTConfig(n_layer=n_layer, n_head=1, n_embd=8, signature=signature).recursive
+            depths = ("1x", "full") if rounds else ("full",)
+            bars += [(x + 0.4 * k, cells[(variant, d)], d) for k, d in enumerate(depths)]
+            ticks.append((x + 0.2 * (len(depths) - 1), short(variant)))
+            x += 0.4 * len(depths) + 0.4
+        for pos, c, depth in bars:
+            colour = LAYOUT_STYLES.get(layout(c["variant"]), OTHER_STYLE)[0]
+            ax.bar(pos, c["mean"], 0.38, yerr=c["std"], capsize=3, color=colour, edgecolor="white",
+                   alpha=0.45 if depth == "1x" else 1.0, hatch="//" if depth == "1x" else None)
         ax.axhline(chance, color="grey", linestyle=":")
-        ax.set_xticks(range(len(variants)), variants)
-        ax.set(title=f"{task}: {metric}", ylabel="accuracy (mean ± std over seeds)")
-    # one legend under the panels: the bars' colours are the layouts, named on the x axis
+        ax.set_xticks(*zip(*ticks))
+        ax.set(title=PANEL_TITLES.get((task, metric), f"{task} {metric}"), ylim=(0, 1))
+    axes[0].set_ylabel("accuracy (mean ± std over seeds)")
     fig.legend(handles=[Patch(color="grey", alpha=0.45, hatch="//", label="1x (rounds 1)"),
-                        Patch(color="grey", label="full depth"), Patch(color="none", label="dotted line: chance")],
-               fontsize=8, loc="lower center", ncol=3)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+                        Patch(color="grey", label="full depth"), Patch(color="none", label="dotted: chance")],
+               loc="outside lower center", ncol=3)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     print(f"wrote {path}")
 
 def layout(variant):
@@ -539,6 +550,7 @@ def parse_args(argv):
     p.add_argument("--cooldown_frac", type=float, default=0.2, help="of the run's own budget")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out_dir", default="out/siglip", help="results <dataset>.csv/.json/.png and ckpt/")
+    p.add_argument("--replot", metavar="JSON", help="no training: draw a results <dataset>.json again, beside it")
     return p.parse_args(argv)
 
 def setup(args):
@@ -592,6 +604,8 @@ def setup(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.replot:
+        return replot(args.replot)
     variants, seeds, budgets, data, tokens = setup(args)
     n_classes = len(data["descriptions"])
     rows, curves, out = [], [], os.path.join(args.out_dir, data["name"])
@@ -608,7 +622,18 @@ def main(argv=None):
     results = {"args": vars(args), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "rows": rows,
                "summary": summary, "table": table, "loss_curves": curves}
     write_atomic(out + ".json", json.dumps(results, indent=1).encode())
-    plot(summary, 1 / n_classes, out + ".png")
+    plot(summary, 1 / n_classes, args.n_layer, out + ".png")
+
+def replot(path):
+    """The figure of a finished comparison again, from its JSON (the summary over seeds and the settings)."""
+    try:
+        results = json.load(open(path))
+        summary, dataset, n_layer = results["summary"], results["args"]["dataset"], results["args"]["n_layer"]
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise SystemExit(f"error: --replot {path}: not an eval_siglip.py results JSON ({type(e).__name__}): "
+                         f"point to a <dataset>.json it wrote")
+    n_classes = len(FASHION_CLASSES) if dataset == "fashion" else len(SHAPES) * len(COLOURS)
+    plot(summary, 1 / n_classes, n_layer, os.path.splitext(path)[0] + ".png")
 
 if __name__ == "__main__":
     main()

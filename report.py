@@ -50,6 +50,13 @@ def main(argv=None):
     p.add_argument("--variants", help="comma-separated variants to keep (default: every one)")
     p.add_argument("--budget_steps", help="comma-separated budgets to keep, in AB steps (default: every one)")
     p.add_argument("--seeds", help="comma-separated seeds to keep (default: every one)")
+    p.add_argument("--baseline_dir", help="one folder: the baseline's runs come from this folder (a study that "
+                   "extends another, with the same model and flags)")
+    p.add_argument("--twins", help="one folder: the baseline's schedule twins, each at half a budget with the "
+                   "recursive runs' warm-up in steps, for the per-token gain with matched warm-up")
+    p.add_argument("--figure", choices=("multiplier", "depth"), help="multiplier (one folder): the token "
+                   "multiplier m against k, to --plot; depth (several folders, one depth each): one panel per "
+                   "--variants, one line per folder")
     args = p.parse_args(argv)
     select = Selection(variants=args.variants and [v.strip() for v in args.variants.split(",")],
                        budget_steps=int_list(args.budget_steps or "", "--budget_steps"),
@@ -90,17 +97,25 @@ def report(args, select):
     Several folders: the headline figure, one panel of effective-compute ratios per study (or their grid)."""
     if len(args.folders) > 1:
         return report_folders(args, select)
-    folder = args.folders[0]
-    records = select_runs(read_runs(folder), select, args.baseline, folder)
-    baseline = args.baseline or BASELINE
+    folder, baseline = args.folders[0], args.baseline or BASELINE
+    require(args.figure != "depth", "--figure depth draws several folders, one line each: name them")
+    require(args.plot or args.figure != "multiplier", "--figure multiplier needs --plot (where the figure goes)")
+    records = read_runs(folder)
+    if args.baseline_dir:
+        records = borrowed_baseline(args.baseline_dir, baseline, records, folder) + records
+    twins = borrowed_baseline(args.twins, baseline, records, folder, same=True) if args.twins else []
+    records = select_runs(records, select, args.baseline, folder)
     subset = select.variants or select.budget_steps or select.seeds
     plot = args.plot or os.path.join(folder, "report.png" if subset else "loss_vs_cost.png")
-    if subset:
+    if args.figure == "multiplier":
+        plot_multiplier(result_rows(records, baseline), baseline, styles(records), plot)
+    if subset or args.figure:  # the folder's own files stay as its whole study made them
         fits = budget_fits(records)
-        plot_report(records, result_rows(records, baseline), baseline, plot)
+        if not args.figure:
+            plot_report(records, result_rows(records, baseline), baseline, plot)
     else:
         fits = write_results(folder, records, plot, baseline)
-    print_summary(records, fits, baseline)
+    print_summary(records, fits, baseline, twins)
     print(f"plot: {plot}")
     return records
 
@@ -125,6 +140,20 @@ def select_runs(records, select, named, folder):
                and (variant(r) == baseline or (variant(r) in variants and budget(r) in budgets))]
     keep = variants if baseline in variants else variants + [baseline]
     return sorted(records, key=lambda r: (keep.index(variant(r)), budget(r), seed(r)))
+
+def borrowed_baseline(baseline_dir, baseline, records, folder, same=False):
+    """The baseline's runs of another folder, for a study that extends it (results/depth8_layouts reads
+    results/depth8's AB) or for its schedule twins (same: the folder has its own baseline too): only if its model,
+    data and budget unit are this folder's, so that the numbers compare."""
+    base = [r for r in read_runs(baseline_dir) if r.run.variant == baseline]
+    require(base, f"--baseline_dir {baseline_dir} has no runs of {baseline}")
+    shape = lambda r: (r.run.train.dataset, r.run.train.budget_unit, r.run.model.n_layer, r.run.model.n_embd,
+                       r.run.model.n_head, r.run.model.block_size, r.run.model.vocab_size)
+    require({shape(r) for r in base} == {shape(r) for r in records}, f"--baseline_dir {baseline_dir}: its "
+            f"{baseline} runs have another model, data or budget unit than {folder}'s runs")
+    require(same or not any(r.run.variant == baseline for r in records), f"{folder} has runs of {baseline} "
+            f"itself: drop --baseline_dir")
+    return base
 
 # what report reads of a run.json besides its Run (flops: only since FLOPs became the unit)
 RECORD_KEYS = {"run", "trained_rounds", "steps", "tokens", "epochs", "tokens_per_param", "cost", "target", "wall_s",
@@ -163,13 +192,21 @@ def report_folders(args, select):
     """Several folders: their runs at one budget varying a setting are one grid (e.g. the warm-up folders);
     else each folder is a study, and the figure is the headline: one panel of effective-compute ratios each."""
     require(args.plot, "several folders need --plot (where the figure goes)")
-    require(not (select.variants or select.budget_steps or select.seeds), "--variants, --budget_steps and --seeds "
-            "select runs of one folder: a report of several folders draws every run")
+    require(args.figure != "multiplier" and not (args.baseline_dir or args.twins), "--figure multiplier, "
+            "--baseline_dir and --twins read one folder")
+    require(not (select.budget_steps or select.seeds) and (args.figure == "depth" or not select.variants),
+            "--variants, --budget_steps and --seeds select runs of one folder (several folders: --variants "
+            "names the panels of --figure depth)")
     studies = {folder: read_runs(folder) for folder in args.folders}
     for folder, runs in studies.items():
         check_settings(runs, folder)
     records = [r for runs in studies.values() for r in runs]
-    if grid_key(records):
+    if args.figure == "depth":
+        variants = select.variants or ["A3B"]
+        missing = [v for v in variants if not any(r.run.variant == v for r in records)]
+        require(not missing, f"--variants: no folder has runs of {', '.join(missing)}")
+        plot_depth(studies, variants, args.baseline or BASELINE, args.plot)
+    elif grid_key(records):
         plot_grid(records, grid_key(records), args.plot)
     else:
         baseline = args.baseline or BASELINE
@@ -329,10 +366,20 @@ def executed_flops(record):
         counts = (record["cost"] / tokens, (1 + middle_run) * config.adapters, 0)
     return tokens * model.flops_per_token(config.block_size, counts)
 
+def plain_flops_per_token(config):
+    """Training FLOPs per token of AB, the plain model with the same layers, width and context as config."""
+    with torch.device("meta"):
+        model = GPT(replace(config, signature="AB", p_skip=0.0, adapters=False, share_kv=False))
+    return rins.cost_per_token(model, "flops", config.block_size)
+
 def result_rows(records, baseline):
     """One row per run x eval depth (results.csv), with the effective-compute ratio against the
     baseline variant's final losses (mean over seeds) where it was run at two budgets or more: in the
-    runs' budget unit, and in executed FLOPs (the two differ for runs budgeted in applications)."""
+    runs' budget unit, and in executed FLOPs (the two differ for runs budgeted in applications).
+
+    Beside the ratio in FLOPs, k: the run's executed training FLOPs per token over the plain model AB's of
+    the same shape, and m = ratio x k, the token multiplier: how many baseline tokens one of the run's tokens
+    is worth. A ratio above 1 needs m > k: the extra compute per token must buy more than it costs."""
     base = [r for r in records if r.run.variant == baseline]
     two_budgets = len({r["target"] for r in base}) >= 2
     curve = [(r["target"], trained_loss(r)) for r in base] if two_budgets else None
@@ -341,6 +388,7 @@ def result_rows(records, baseline):
     for r in records:
         t = r.run.train
         flops = executed_flops(r)
+        k = flops / r["tokens"] / plain_flops_per_token(r.run.model)
         for e in r["evals"]:
             ratio, bound = effective_compute(e["val_loss"], r["cost"], curve) if curve else (None, "")
             flops_ratio, flops_bound = (effective_compute(e["val_loss"], flops, flops_curve) if curve
@@ -354,7 +402,7 @@ def result_rows(records, baseline):
                 above_floor=None if r["floor"] is None else e["val_loss"] - r["floor"],
                 effective_compute=ratio, effective_compute_bound=bound, flops=flops,
                 effective_compute_flops=flops_ratio, effective_compute_flops_bound=flops_bound,
-                budget_unit=t.budget_unit, wall_s=r["wall_s"], mfu=r["mfu"],
+                k=k, token_multiplier=None if flops_ratio is None else flops_ratio * k, budget_unit=t.budget_unit, wall_s=r["wall_s"], mfu=r["mfu"],
                 n_params=r["n_params"]))
     return rows
 
@@ -369,7 +417,7 @@ def budget_fits(records, n_boot=200):
 
 NO_RATIO = "no effective-compute ratio: it needs the baseline {} at two budgets or more, and these runs have fewer"
 
-def print_summary(records, fits, baseline):
+def print_summary(records, fits, baseline, twins=()):
     """The table of every variant, budget and depth over seeds (mean ± std with several seeds; an
     effective-compute ratio beyond the baseline's budgets is a bound, marked > or <), then the laws."""
     rows, cells = result_rows(records, baseline), {}
@@ -381,15 +429,19 @@ def print_summary(records, fits, baseline):
     floor, ratio = records[0]["floor"] is not None, rows[0]["effective_compute"] is not None
     in_flops = ratio and any(row["budget_unit"] != "flops" for row in rows)  # older runs: both units
     lines = [["variant", "lr", "budget", "rounds", "apps", "seeds", "steps", "epochs", "tok/param", "val_loss",
-              *["above floor"] * floor, *["eff. compute"] * ratio, *["in FLOPs"] * in_flops, "wall_s", "MFU"]]
+              *["above floor"] * floor, *["eff. compute"] * ratio, *["in FLOPs"] * in_flops, *["k", "m"] * ratio,
+              "wall_s", "MFU"]]
     for (variant, budget, rounds), g in groups.items():
         mean = lambda key, spec: mean_std(g, key, spec, std=False)
+        marks = "".join(sorted({row["effective_compute_flops_bound"] for row in g}))  # m is a bound where the ratio is
         bounded = lambda key: "".join(sorted({row[key + "_bound"] for row in g})) + mean_std(g, key, ".2f")
         lines.append([variant, f"{g[0]['learning_rate']:g}", str(budget), str(rounds or "-"),
                       str(g[0]["eval_applications"]), str(len(g)), mean("steps", ".0f"),
                       mean("epochs", ".3f"), mean("tokens_per_param", ".1f"), mean_std(g, "val_loss", ".4f"),
                       *[mean_std(g, "above_floor", ".4f")] * floor, *[bounded("effective_compute")] * ratio,
-                      *[bounded("effective_compute_flops")] * in_flops, mean("wall_s", ".0f"), mean("mfu", ".1%")])
+                      *[bounded("effective_compute_flops")] * in_flops,
+                      *[mean("k", ".2f"), marks + mean_std(g, "token_multiplier", ".2f")] * ratio,
+                      mean("wall_s", ".0f"), mean("mfu", ".1%")])
     print(text_table(lines))
     if not ratio:
         print(NO_RATIO.format(baseline) + " (e.g. --budget_steps 600,1200)")
@@ -397,55 +449,66 @@ def print_summary(records, fits, baseline):
         print(f"law across budgets {','.join(map(str, f['budgets']))}, loss = beta * cost^(-c) + eps_inf "
               f"(± bootstrap std over seeds): {f['variant']}: c {f['c']:.3f} ± {f['c_std']:.3f}, "
               f"eps_inf {f['eps_inf']:.3f} ± {f['eps_inf_std']:.3f}")
-    print_per_token_gains(per_token_gains(records, baseline), baseline)
+    print_per_token_gains(per_token_gains(records, baseline, twins), baseline)
 
 # a step at 1.8-2.2x the baseline's cost per token (A3B, ABAB): at budget B it sees about the baseline's tokens at B/2
 TWICE_THE_COST = (1.8, 2.2)
 
-def per_token_gains(records, baseline):
+def per_token_gains(records, baseline, twins=()):
     """What the extra rounds buy per token: the baseline's final loss (as trained) at B/2 minus a variant's at B,
     same seed, in nats, for each variant whose cost per token (cost / tokens, in the folder's unit) is about twice
     the baseline's, so that the two saw about the same tokens. Positive: the rounds bought more than the tokens
     they cost. One row per variant and budget with a pair: variant, budget_steps, the baseline's tokens per
-    parameter and epochs at B, gains {seed: nats}; a seed or budget whose baseline did not run at exactly B/2
-    is left out."""
+    parameter and epochs at B, and two pairings, {seed: nats} each (a seed without its pair is left out):
+      matched  against a schedule twin from `twins`: the baseline at B/2 with the variant's own warm-up in steps
+               (--warmup_frac doubled), so the pair differs in the recursion alone;
+      own      against the baseline at B/2 of the same study, whose warm-up is half the variant's: the gain of
+               recursion plus a doubled warm-up."""
     base = [r for r in records if r.run.variant == baseline]
     if not base:
         return []
     key = lambda r: (r.run.variant, r.run.train.budget_steps, r.run.train.seed)
     per_token = lambda runs: statistics.fmean(r["cost"] / r["tokens"] for r in runs)
-    base_loss, ref, rows = {key(r)[1:]: trained_loss(r) for r in base}, base[0], {}
+    own = {key(r)[1:]: trained_loss(r) for r in base}
+    twin = {(*key(r)[1:], r.run.train.warmup_steps): trained_loss(r) for r in twins if r.run.variant == baseline}
+    ref, rows = base[0], {}
     # "about twice", not exactly: in FLOPs the LM head is paid once per token, so A3B costs 1.97x AB at 4 x 48
     # and 1.71x at 4 x 16; a window around 2 keeps the comparison to layouts that see about the same tokens
     variants = {r.run.variant for r in records}
     cost = {v: per_token([r for r in records if r.run.variant == v]) / per_token(base) for v in variants}
     for r in records:
         variant, budget, seed = key(r)
-        if (variant == baseline or not TWICE_THE_COST[0] <= cost[variant] <= TWICE_THE_COST[1] or budget % 2
-                or (budget // 2, seed) not in base_loss):
+        half = (budget // 2, seed)
+        if variant == baseline or not TWICE_THE_COST[0] <= cost[variant] <= TWICE_THE_COST[1] or budget % 2:
             continue
         row = rows.setdefault((variant, budget), dict(
-            variant=variant, budget_steps=budget, gains={},
+            variant=variant, budget_steps=budget, matched={}, own={},
             tokens_per_param=budget * ref["tokens"] / ref["steps"] / ref["n_params"],
             epochs=budget * ref["epochs"] / ref["steps"]))
-        row["gains"][seed] = base_loss[(budget // 2, seed)] - trained_loss(r)
-    return list(rows.values())
+        if (*half, r.run.train.warmup_steps) in twin:
+            row["matched"][seed] = twin[(*half, r.run.train.warmup_steps)] - trained_loss(r)
+        if half in own:
+            row["own"][seed] = own[half] - trained_loss(r)
+    return [row for row in rows.values() if row["matched"] or row["own"]]
 
 def print_per_token_gains(rows, baseline):
-    """The table of per_token_gains, one column per seed; nothing where no variant has a pair."""
+    """The table of per_token_gains, one column per seed, a line per pairing; nothing where no variant has a pair."""
     if not rows:
         return
-    seeds = sorted({seed for row in rows for seed in row["gains"]})
-    lines = [["variant", "budget", f"{baseline} tok/param", f"{baseline} epochs", *[f"seed {s}" for s in seeds],
-              "mean"]]
+    seeds = sorted({seed for row in rows for kind in ("matched", "own") for seed in row[kind]})
+    lines = [["variant", "budget", f"{baseline} tok/param", f"{baseline} epochs", "pairing",
+              *[f"seed {s}" for s in seeds], "mean"]]
     for row in rows:
-        gains = row["gains"]
-        lines.append([row["variant"], str(row["budget_steps"]), f"{row['tokens_per_param']:.1f}",
-                      f"{row['epochs']:.3f}", *[f"{gains[s]:+.4f}" if s in gains else "-" for s in seeds],
-                      f"{statistics.fmean(gains.values()):+.4f}"])
+        for kind, gains in (("matched warm-up", row["matched"]), ("own warm-up", row["own"])):
+            if gains:
+                lines.append([row["variant"], str(row["budget_steps"]), f"{row['tokens_per_param']:.1f}",
+                              f"{row['epochs']:.3f}", kind, *[f"{gains[s]:+.4f}" if s in gains else "-" for s in seeds],
+                              f"{statistics.fmean(gains.values()):+.4f}"])
     print(f"\nper-token gain of recursion: {baseline}'s final val loss at budget B/2 minus the variant's at B, same "
           f"seed, in nats (about the same tokens; > 0: the extra rounds bought more than their tokens cost); "
-          f"variants at 1.8-2.2x {baseline}'s cost per token; tok/param and epochs: {baseline}'s at B")
+          f"variants at 1.8-2.2x {baseline}'s cost per token; tok/param and epochs: {baseline}'s at B. Matched "
+          f"warm-up: {baseline} with the variant's warm-up in steps (--twins), the recursion alone; own warm-up: "
+          f"{baseline}'s own, half the variant's, so the gain of recursion plus a doubled warm-up")
     print(text_table(lines))
 
 def mean_std(group, key, spec, std=True):
@@ -510,17 +573,23 @@ def write_results(out_dir, records, plot_path, baseline):
     return fits
 
 # -----------------------------------------------------------------------------
-# Figures: each answers one question. A layout (signature and stochastic rounds) has one colour and marker,
-# the same in every figure; the variants of one layout (other adapters, rate, batch) differ in line style and
-# in the marker's fill: a variant drawn as a lone point (one budget) shows no line, only its marker.
+# Figures: each answers one question and reads at the README's width (about 830 px: figures are drawn 8.3
+# inches wide with 9-point text and saved at 190 dpi, at most 1600 px). A layout (signature and stochastic
+# rounds) has one colour and marker, the same in every figure; the variants of one layout (other adapters,
+# rate, batch) differ in line style and in the marker's fill; an open marker is a bound.
 
 LAYOUT_STYLES = {"AB": ("black", "o"), "A2B": ("tab:blue", "s"), "A3B": ("tab:red", "^"), "A4B": ("tab:olive", ">"),
                  "ABAB": ("tab:green", "D"), "(A3B)2": ("tab:brown", "X"), "AB3": ("tab:pink", "<"),
-                 "A3B p_skip 0.5": ("tab:orange", "v"), "A3B p_skip 0.8": ("tab:purple", "P")}
+                 "A3B p_skip 0.5": ("tab:orange", "v"), "A3B p_skip 0.8": ("tab:purple", "P"),
+                 "A2BCDEFGH": ("tab:cyan", "h"), "A2BCD": ("navy", "p"), "AB2CD": ("teal", "d"),
+                 "ABC2D": ("goldenrod", "H"), "ABCD2": ("magenta", "8"), "A3BCD": ("sienna", "^"),
+                 "AB2": ("slateblue", "<")}
 OTHER_STYLE = ("tab:gray", "*")
-LINE_STYLES = ("-", "--", ":", "-.")
+LINE_STYLES = ("-", ":", "-.", (0, (6, 2, 1, 2)))  # not "--": a dashed line is at 1 round
 FILL_STYLES = ("full", "top", "bottom", "left")  # not "none": an open marker is a bound (plot_ratio)
 GRID_KEYS = {"learning_rate": "learning rate", "warmup_frac": "warm-up (fraction of the AB budget)"}
+WIDTH, DPI = 8.3, 190  # inches, dots per inch: 1577 px; shown at 830 px, matplotlib's 10-point text reads as such
+DATASETS = {"shakespeare_char": "Shakespeare (char)", "shakespeare_gpt2": "Shakespeare (BPE)", "grammar": "grammar"}
 
 def layout(record):
     return layout_name(record.run.model.signature, record.run.model.p_skip)
@@ -543,15 +612,27 @@ def styles(records):
                             fillstyle=FILL_STYLES[n % len(FILL_STYLES)])
     return out
 
-def short(variant):
-    """A variant's name in a legend: the learning rate written short, so that the legend stays one column."""
-    return variant.replace("learning_rate=", "lr=")
+# a variant's settings as a legend writes them; the learning rate is left out (tuned per layout: results.csv
+# and the table give it), and a setting at its default is not written
+SHORT = {"p_skip": "p_skip {}", "adapters": "+ adapters", "adapter_rank": "adapter rank {}", "share_kv": "shared KV",
+         "batch_size": "batch {}", "block_size": "context {}"}
 
-def legend_below(ax, **kw):
-    """The legend under the panel, not on it: a legend drawn over the lines hides the points it names."""
-    if ax.get_legend_handles_labels()[0]:
-        n = len(ax.get_legend_handles_labels()[0])
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2 if n <= 8 else 3, fontsize=7, **kw)
+def short(variant):
+    """'A3B:p_skip=0.8:adapters=1:learning_rate=0.01' -> 'A3B, p_skip 0.8 + adapters': a legend's name."""
+    signature, *settings = variant.split(":")
+    words = [SHORT[k].format(v) for k, v in (s.split("=", 1) for s in settings) if k in SHORT and v not in ("0", "")]
+    return ", ".join([signature] + [" ".join(words)] * bool(words)).replace(", + adapters", " + adapters")
+
+def legend_below(fig, axes, **kw):
+    """One legend for the figure, under its panels: a legend drawn over the lines hides the points it names. A
+    label drawn in several panels (the same variant) is listed once."""
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=3 if len(handles) > 4 else 2,
+                   **kw)
 
 def cells(records):
     """variant -> budget_steps (ascending) -> its runs (over seeds), the variants in the order of the records."""
@@ -561,9 +642,9 @@ def cells(records):
     return {variant: dict(sorted(by_budget.items())) for variant, by_budget in out.items()}
 
 def seeds(groups):
-    """'seeds: 2' or 'seeds: 2-3': how many runs each point of a line averages, said in the legend."""
+    """'2 seeds' or '2-3 seeds': how many runs each point of a line averages, said in the legend."""
     n = sorted({len(g) for g in groups})
-    return f"seeds: {n[0]}" + (f"-{n[-1]}" if len(n) > 1 else "")
+    return f"{n[0]}" + (f"-{n[-1]}" if len(n) > 1 else "") + (" seed" if n == [1] else " seeds")
 
 def spread(values):
     """The error bar: the std over seeds (ddof 1), 0 for one seed (no bar rather than a made-up one)."""
@@ -578,21 +659,28 @@ def apart(values, decades=0.15):
             kept.append(v)
     return kept
 
-def new_figure(panels, title):
+def log_ticks(ax, values, axis="x"):
+    """A labelled tick at each value on a log axis (one spanning under a decade would label at most one)."""
+    ticks = apart(values)
+    getattr(ax, f"set_{axis}ticks")(ticks, [f"{t:.2g}" if t < 10 or t >= 1e4 else f"{t:.0f}" for t in ticks])
+    getattr(ax, f"set_{axis}ticks")([], minor=True)
+
+def new_figure(panels, title, height=3.6, sharey=False):
     from matplotlib.figure import Figure  # no pyplot: no display, no global state
-    fig = Figure(figsize=(5.6 * panels + 1, 5.2), layout="constrained")
-    fig.suptitle(title, fontsize=10)
-    return fig, fig.subplots(1, panels, squeeze=False)[0]
+    fig = Figure(figsize=(WIDTH if panels > 1 else 5.5, height), layout="constrained")
+    fig.suptitle(title)
+    return fig, fig.subplots(1, panels, squeeze=False, sharey=sharey)[0]
 
 def save(fig, path):
     """Written atomically, as every result is: an interrupted report leaves the previous figure whole."""
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
-def describe(records):
-    """The data and the model of a study, for a figure's title: which corpus, how deep, how wide, how big."""
+def describe(records, sep=", "):
+    """The data and the model of a study, for a title: 'Shakespeare (char), 8 x 24, 59.9k params'."""
     r = records[0]
     m = r.run.model
-    return f"{r.run.train.dataset}, {m.n_layer} layers x {m.n_embd}, {r['n_params'] / 1000:.3g}k parameters"
+    data = DATASETS.get(r.run.train.dataset, r.run.train.dataset)
+    return f"{data}{sep}{m.n_layer} layers x {m.n_embd}, {r['n_params'] / 1000:.3g}k params"
 
 def plot_report(records, rows, baseline, path):
     """A folder's figure: its grid (a setting varied at one budget) or its study across budgets."""
@@ -605,7 +693,7 @@ def plot_report(records, rows, baseline, path):
 def plot_study(records, rows, baseline, path):
     """Left: final val loss against training compute (mean ± std over seeds). Middle: final val loss against
     the rounds run at inference, at the largest budget. Right: the effective-compute ratio."""
-    fig, (loss, rounds, ratio) = new_figure(3, describe(records))
+    fig, (loss, rounds, ratio) = new_figure(3, describe(records), height=4.2)
     style = styles(records)
     spent = {r.run.name: executed_flops(r) for r in records}  # once: an older run's is rebuilt from its counts
     for variant, by_budget in cells(records).items():
@@ -615,18 +703,23 @@ def plot_study(records, rows, baseline, path):
                       label=f"{short(variant)} ({seeds(final)})", **style[variant])
     if records[0]["floor"] is not None:
         loss.axhline(records[0]["floor"], color="grey", linestyle="--", linewidth=1, label="exact floor (entropy)")
-    loss.set(xscale="log", xlabel="training compute (FLOPs)", ylabel="final validation loss (nats/token)",
-             xlim=(min(spent.values()) / 1.5, max(spent.values()) * 1.5))  # room around the points, at one budget too
-    # a tick at each budget: a log axis spanning under a decade would have at most one labelled tick
     by_budget = {}
     for r in records:
         by_budget.setdefault(r.run.train.budget_steps, []).append(spent[r.run.name])
-    budgets = apart(statistics.fmean(f) for f in by_budget.values())
-    loss.set_xticks(budgets, [f"{b:.2g}" for b in budgets], minor=False)
+    # ticks in units of a power of ten, so that five budgets' labels fit a third of the figure
+    ticks, scale = apart([statistics.fmean(f) for f in by_budget.values()], 0.25), 10 ** math.floor(math.log10(
+        min(spent.values())))
+    loss.set(xscale="log", xlabel=f"training FLOPs (x {scale:.0e})", ylabel="final validation loss (nats/token)",
+             xlim=(min(spent.values()) / 1.5, max(spent.values()) * 1.5))  # room around the points, at one budget too
+    loss.set_xticks(ticks, [f"{t / scale:.2g}" for t in ticks])
     loss.set_xticks([], minor=True)
-    legend_below(loss)
     plot_rounds(rounds, records, style)
-    plot_ratio(ratio, rows, baseline, style)
+    plot_ratio(ratio, rows, baseline, style, "effective-compute ratio")
+    # one legend: the variants as the loss panel names them, and the ratio panel's lines at one round
+    pairs = [*zip(*loss.get_legend_handles_labels()), *((h, label) for h, label in zip(
+        *ratio.get_legend_handles_labels()) if label.endswith("1 round"))]
+    fig.legend(*zip(*pairs), loc="outside lower center", ncol=3 if len(pairs) > 4 else 2, title="dashed: at 1 "
+               "round; dotted: a model without rounds; open marker: a bound beyond the baseline's budgets")
     save(fig, path)
 
 def plot_rounds(ax, records, style):
@@ -644,60 +737,111 @@ def plot_rounds(ax, records, style):
                 ax.axhline(final.mean(), color=style[variant]["color"], linestyle=":", linewidth=1)
             ax.errorbar(x, final.mean(0), yerr=final.std(0, ddof=1) if len(runs) > 1 else None, capsize=3,
                         ms=5, **style[variant])
-    ax.set(xlabel="rounds of the recursive block at inference", ylabel="final validation loss (nats/token)",
-           title=f"at the largest budget ({top} AB steps); dotted: a model without rounds", xticks=range(1, 6))
-    ax.title.set_fontsize(9)
+    ax.set(xlabel="rounds at inference", ylabel="final validation loss", xticks=range(1, 6),
+           title=f"at {top} AB steps")
 
-def plot_ratio(ax, rows, baseline, style, title=None):
-    """The effective-compute ratio in FLOPs at each budget (x: the budget's baseline tokens per parameter),
-    mean ± std over seeds; dashed: stochastic layouts evaluated at one round; open markers: bounds."""
-    if rows[0]["effective_compute_flops"] is None:
-        ax.text(0.5, 0.5, NO_RATIO.format(baseline).replace(": ", ":\n", 1).replace(", and", ",\nand"),
-                ha="center", va="center", transform=ax.transAxes, fontsize=9)
-        ax.set(xticks=[], yticks=[], title=title)
-        return
-    # a stochastic layout is drawn twice: as trained, and at one round, the baseline's inference cost, where
-    # the paper's "no regret" is read; the baseline itself is the dotted line at 1
-    lines = {}  # (variant, rounds 1?) -> budget -> rows over seeds
+def ratio_lines(rows, baseline):
+    """(variant, at one round?) -> budget -> its rows over seeds: each variant as trained, and a stochastic one
+    also at one round, the baseline's inference cost, where the paper's "no regret" is read."""
+    lines = {}
     for row in rows:
         stochastic_one = row["rounds"] == 1 and "p_skip" in row["variant"]
         if row["variant"] != baseline and (row["trained"] or stochastic_one):
             lines.setdefault((row["variant"], not row["trained"]), {}).setdefault(row["budget_steps"], []).append(row)
-    for (variant, one_round), by_budget in lines.items():
-        by_budget = dict(sorted(by_budget.items()))
+    return {key: dict(sorted(by_budget.items())) for key, by_budget in lines.items()}
+
+def plot_ratio(ax, rows, baseline, style, title, only=None):
+    """The effective-compute ratio in FLOPs at each budget (x: the budget's baseline tokens per parameter),
+    mean ± std over seeds; dashed: stochastic layouts evaluated at one round; open markers: bounds.
+    only: the (variant, at one round?) lines to draw (default all), each in its style as given."""
+    if rows[0]["effective_compute_flops"] is None:
+        ax.text(0.5, 0.5, f"no ratio: it needs\n{baseline} at two budgets", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set(xticks=[], yticks=[], title=title)
+        return
+    for (variant, one_round), by_budget in ratio_lines(rows, baseline).items():
+        if only and (variant, one_round) not in only:
+            continue
         # x is the budget's *baseline* tokens per parameter, the same for every layout at a budget: a recursive
         # layout sees fewer tokens (A3B about half), and plotting its own would shift its points left
         x = [ab_tokens_per_param(rows, baseline, b) for b in by_budget]
         y = [[row["effective_compute_flops"] for row in g] for g in by_budget.values()]
-        s = {**style[variant], "linestyle": "--" if one_round else "-"}
+        s = {**style[variant], "linestyle": "--" if one_round and not only else style[variant]["linestyle"]}
         ax.errorbar(x, [np.mean(v) for v in y], yerr=[spread(v) for v in y], capsize=3, ms=5,
-                    label=short(variant) + (" at 1 round" if one_round else ""), **s)
+                    label=short(variant) + (", 1 round" if one_round else ""), **s)
         # past the baseline's largest (or below its smallest) budget the ratio is only a bound: an open marker
         bound = [any(row["effective_compute_flops_bound"] for row in g) for g in by_budget.values()]
         ax.plot([a for a, b in zip(x, bound) if b], [np.mean(v) for v, b in zip(y, bound) if b], linestyle="",
                 marker=s["marker"], ms=7, color=s["color"], markerfacecolor="white", zorder=3)
     ax.axhline(1.0, color="grey", linewidth=1, linestyle=":")
-    ax.set(xscale="log", xlabel=f"budget: {baseline}'s training tokens per parameter",
-           ylabel=f"effective-compute ratio in FLOPs (> 1: ahead of {baseline})", title=title)
-    ticks = apart(ab_tokens_per_param(rows, baseline, row["budget_steps"]) for row in rows)
-    ax.set_xticks(ticks, [f"{t:.0f}" if t >= 10 else f"{t:.2g}" for t in ticks], minor=False)  # 0.25, not 0
-    ax.set_xticks([], minor=True)
-    legend_below(ax, title="open marker: a bound, beyond the baseline's budgets; half-filled: another variant of "
-                 "the layout", title_fontsize=7)
+    ax.set(xscale="log", xlabel=f"{baseline} tokens per parameter", ylabel=f"ratio in FLOPs (> 1: ahead of {baseline})",
+           title=title)
+    log_ticks(ax, [ab_tokens_per_param(rows, baseline, row["budget_steps"]) for row in rows])
 
 def plot_headline(studies, baseline, path):
-    """One panel per study folder: does recursion pay at equal training compute, and how does it move with
-    the tokens each parameter sees?"""
-    fig, axes = new_figure(len(studies), "effective-compute ratio against AB at equal training FLOPs "
-                           "(mean ± std over seeds)")
-    for ax, (folder, records) in zip(axes, studies.items()):  # line and fill: within a panel's layouts
-        plot_ratio(ax, result_rows(records, baseline), baseline, styles(records), f"{folder}: {describe(records)}")
-        ax.title.set_fontsize(9)
-    # the same axes in every panel, so that a point is read against the other studies' at a glance
-    drawn = [ax for ax in axes if ax.get_xscale() == "log"]  # a panel without a ratio has no axes to share
-    for ax in drawn:
-        ax.set_xlim(min(a.get_xlim()[0] for a in drawn), max(a.get_xlim()[1] for a in drawn))
-        ax.set_ylim(min(a.get_ylim()[0] for a in drawn), max(a.get_ylim()[1] for a in drawn))
+    """How far is each layout from the baseline at equal training compute, and how does that move with the
+    tokens each parameter sees? One panel per study, each with its own budgets, the same ratio axis."""
+    fig, axes = new_figure(len(studies), f"effective-compute ratio against {baseline} at equal training FLOPs "
+                           "(mean ± std over seeds)", height=4.4, sharey=True)
+    for ax, records in zip(axes, studies.values()):  # line and fill: within a panel's layouts
+        plot_ratio(ax, result_rows(records, baseline), baseline, styles(records), describe(records, "\n"))
+    for ax in axes[1:]:
+        ax.set_ylabel("")
+    legend_below(fig, axes, title="dashed: at 1 round; open marker: a bound beyond the baseline's budgets")
+    save(fig, path)
+
+def plot_depth(studies, variants, baseline, path):
+    """Does depth move the ratio? One panel per variant (a stochastic one at one round), one line per study,
+    each a depth: the variant's colour, and a line style and marker fill per study."""
+    fig, axes = new_figure(len(variants), f"effective-compute ratio against {baseline} by depth at equal "
+                           "training FLOPs (mean ± std over seeds)", height=4.0, sharey=True)
+    for ax, variant in zip(axes, variants):
+        one_round, ticks = "p_skip" in variant, []
+        for n, records in enumerate(studies.values()):
+            rows = result_rows(records, baseline)
+            if variant not in {row["variant"] for row in rows}:
+                continue
+            style = {**styles(records)[variant], "linestyle": LINE_STYLES[n]}
+            m = records[0].run.model
+            ax.plot([], [], label=f"{m.n_layer} layers x {m.n_embd} ({records[0]['n_params'] / 1000:.3g}k)",
+                    color="black", linestyle=LINE_STYLES[n])
+            plot_ratio(ax, rows, baseline, {variant: style}, short(variant) + (", 1 round" if one_round else ""),
+                       only={(variant, one_round)})
+            ticks += [ab_tokens_per_param(rows, baseline, row["budget_steps"]) for row in rows]
+        log_ticks(ax, ticks)  # every study's budgets, not only the last one drawn
+    for ax in axes[1:]:
+        ax.set_ylabel("")
+    handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels()) if "layers" in label}
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=len(handles),
+               title="open marker: a bound beyond the baseline's budgets")
+    save(fig, path)
+
+def plot_multiplier(rows, baseline, style, path):
+    """How much is a layout's token worth? The token multiplier m = ratio x k against k, the layout's training
+    FLOPs per token over the baseline's, one point per layout (mean ± std over seeds), one panel per budget.
+    Above the line m = k a layout beats the baseline at equal compute; on m = 1 its extra compute buys nothing."""
+    trained = [row for row in rows if row["trained"] and row["variant"] != baseline and row["k"] is not None]
+    budgets = sorted({row["budget_steps"] for row in trained})
+    fig, axes = new_figure(len(budgets), f"token multiplier m = ratio x k against k, {baseline} = 1 "
+                           "(mean ± std over seeds)", height=4.4, sharey=True)
+    for ax, budget in zip(axes, budgets):
+        by_variant = {}
+        for row in trained:
+            if row["budget_steps"] == budget:
+                by_variant.setdefault(row["variant"], []).append(row)
+        for i, (variant, g) in enumerate(sorted(by_variant.items(), key=lambda item: item[1][0]["k"])):
+            k, m = np.mean([row["k"] for row in g]), [row["token_multiplier"] for row in g]
+            nudge = 1 + 0.012 * (i % 4 - 1.5)  # layouts of one k side by side, not on top of each other
+            bound = any(row["effective_compute_flops_bound"] for row in g)
+            s = {**style[variant], "linestyle": "", "markerfacecolor": "white" if bound else None}  # points, no lines
+            ax.errorbar([k * nudge], [np.mean(m)], yerr=[spread(m)], capsize=3, ms=6, label=short(variant), **s)
+        ks = np.linspace(1, max(row["k"] for row in trained) * 1.05, 2)
+        ax.plot(ks, ks, color="grey", linestyle="--", linewidth=1, label="m = k: as good as AB at equal compute")
+        ax.axhline(1.0, color="grey", linestyle=":", linewidth=1, label="m = 1: extra rounds buy nothing")
+        ax.set(xlabel=f"k: training FLOPs per token over {baseline}",
+               title=f"{budget} AB steps ({ab_tokens_per_param(rows, baseline, budget):.0f} tokens/param)")
+    axes[0].set_ylabel("m: AB tokens one token is worth")
+    legend_below(fig, axes)
     save(fig, path)
 
 def grid_key(records):
@@ -723,7 +867,7 @@ def grid_line(record, key):
 def plot_grid(records, key, path):
     """Final val loss against the grid's setting, one line per variant (mean ± std over seeds)."""
     budget = records[0].run.train.budget_steps
-    fig, (ax,) = new_figure(1, f"{describe(records)}, {budget} AB steps")
+    fig, (ax,) = new_figure(1, f"{describe(records)}, {budget} AB steps", height=4.6)
     lines, style = {}, styles(records)
     for r in records:
         lines.setdefault(grid_line(r, key), {}).setdefault(getattr(r.run.train, key), []).append(r)
@@ -743,7 +887,7 @@ def plot_grid(records, key, path):
     values = sorted({getattr(r.run.train, key) for r in records})
     ax.set_xticks(values, [f"{v:g}" for v in values], minor=False)
     ax.set_xticks([], minor=True)
-    legend_below(ax)
+    legend_below(fig, [ax])
     save(fig, path)
 
 if __name__ == "__main__":

@@ -1340,7 +1340,7 @@ def test_per_token_gain_is_the_baseline_at_half_the_budget_minus_a_twice_as_cost
     # A3B at 8 has no AB at 4, and A2B is not twice the cost: A3B at 16 is the only row
     rows = report.per_token_gains(records, "AB")
     assert [(row["variant"], row["budget_steps"]) for row in rows] == [("A3B", 16)]
-    assert rows[0]["gains"] == pytest.approx(gains, abs=1e-12)
+    assert rows[0]["own"] == pytest.approx(gains, abs=1e-12) and rows[0]["matched"] == {}
     assert rows[0]["tokens_per_param"] == pytest.approx(16 * TOKENS_PER_STEP / records[-1]["n_params"])
 
     capsys.readouterr()
@@ -1349,9 +1349,16 @@ def test_per_token_gain_is_the_baseline_at_half_the_budget_minus_a_twice_as_cost
     assert "AB's final val loss at budget B/2 minus the variant's at B, same seed" in out
     mean = (gains[0] + gains[1]) / 2
     cells = [f"{g:+.4f}" for g in (gains[0], gains[1], mean)]
-    assert re.search(r"\nA3B +16 .* " + " +".join(map(re.escape, cells)) + "\n", out)
+    assert re.search(r"\nA3B +16 .* own warm-up +" + " +".join(map(re.escape, cells)) + "\n", out)
     report.main([str(tmp_path), "--variants", "A2B", "--plot", str(tmp_path / "x.png")])
     assert "per-token gain" not in capsys.readouterr().out  # no pair: not even the header
+    # the schedule twin: AB at 8 with A3B-at-16's warm-up in steps (warm-up 0.2 of 16 = 3 = 0.4 of 8, rounded)
+    run_train(data_dir, tmp_path / "twin", "--variants", "AB", "--budget_steps", "8", "--seeds", "0,1",
+              "--budget_unit", "applications", "--warmup_frac", "0.4")
+    twin = {s: loss(f"twin/AB_b8_s{s}") - loss(f"A3B_b16_s{s}") for s in (0, 1)}
+    assert twin != gains  # the two pairings differ, so the test can tell them apart
+    (row,) = report.per_token_gains(records, "AB", report.read_runs(str(tmp_path / "twin")))
+    assert row["matched"] == pytest.approx(twin, abs=1e-12) and row["own"] == pytest.approx(gains, abs=1e-12)
 
 def test_report_refuses_a_folder_of_two_budget_units(data_dir, tmp_path):
     # AB in applications, A3B in FLOPs: a ratio would read A3B's FLOPs on AB's curve of applications
@@ -1373,12 +1380,42 @@ def test_the_ratio_figure_tells_variants_of_a_layout_apart_and_labels_small_budg
                  effective_compute_flops=0.5, effective_compute_flops_bound="")
             for v in ("AB", "A3B") for b in (25, 50, 5200)]
     ax = new_axes()
-    report.plot_ratio(ax, rows, "AB", style)
+    report.plot_ratio(ax, rows, "AB", style, "title")
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0.25", "0.5", "52"]
     # a budget within 0.15 decades of a labelled one (5,600 against 5,200 steps) gets no label of its own
     ax = new_axes()
-    report.plot_ratio(ax, rows + [{**rows[-1], "budget_steps": 5600, "tokens": 56000, "steps": 5600}], "AB", style)
+    report.plot_ratio(ax, rows + [{**rows[-1], "budget_steps": 5600, "tokens": 56000, "steps": 5600}], "AB", style,
+                      "title")
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0.25", "0.5", "52"]
+
+def test_k_and_the_token_multiplier_in_every_row(data_dir, tmp_path):
+    records = run_train(data_dir, tmp_path, "--variants", "AB,A3B,A3B:p_skip=0.5:adapters=1", "--budget_steps", "8,16")
+    ab = next(r for r in records if r["run"]["variant"] == "AB")
+    for row in report.result_rows(records, "AB"):
+        r = next(r for r in records if r["run"]["name"] == row["run"])
+        # k: the run's executed FLOPs per token over AB's, both as recorded in run.json
+        assert row["k"] == pytest.approx(r["flops"] / r["tokens"] / (ab["flops"] / ab["tokens"]))
+        assert row["token_multiplier"] == pytest.approx(row["effective_compute_flops"] * row["k"])
+    assert report.short("A3B:p_skip=0.8:adapters=1:learning_rate=0.01") == "A3B, p_skip 0.8 + adapters"
+    assert report.short("A3B:batch_size=16:share_kv=1") == "A3B, batch 16 shared KV"
+
+def test_figures_fit_the_readme_column(data_dir, tmp_path):
+    """At most 1600 px wide, and no text under 9 points: shown at the README's 830 px, it still reads."""
+    records = run_train(data_dir, tmp_path / "a", "--variants", "AB,A3B,A3B:p_skip=0.5:adapters=1",
+                        "--budget_steps", "8,16")
+    run_train(data_dir, tmp_path / "b", "--variants", "AB,A3B", "--budget_steps", "8,16", "--n_layer", "8")
+    report.main([str(tmp_path / "a"), str(tmp_path / "b"), "--plot", str(tmp_path / "headline.png")])
+    report.main([str(tmp_path / "a"), str(tmp_path / "b"), "--figure", "depth", "--plot", str(tmp_path / "depth.png")])
+    report.main([str(tmp_path / "a"), "--figure", "multiplier", "--plot", str(tmp_path / "m.png")])
+    for png in ("a/loss_vs_cost.png", "headline.png", "depth.png", "m.png"):
+        width = struct.unpack(">I", (tmp_path / png).read_bytes()[16:20])[0]  # the PNG header's IHDR width
+        assert 800 <= width <= 1600, (png, width)
+    fig, ax = report.new_figure(3, "x")
+    report.plot_ratio(ax[0], report.result_rows(records, "AB"), "AB", report.styles(records), "t")
+    report.legend_below(fig, ax)
+    fig.canvas.draw()
+    sizes = {t.get_fontsize() for t in fig.findobj(lambda a: hasattr(a, "get_fontsize")) if t.get_text()}
+    assert min(sizes) >= 9, sizes
 
 # =============================================================================
 # bench.py: speed side by side (ratios, not timings, are what a test can check)

@@ -38,7 +38,7 @@ from report import (BASELINE, Record, Run, TrainConfig, check_flags, int_list, o
 from rins import GPT, GPTConfig
 
 DEFAULT_VARIANTS = "AB,A3B,ABAB"
-DEFAULT_BUDGETS = "600,1200"  # two budgets: the effective-compute ratio needs the baseline at two or more
+DEFAULT_BUDGETS = "400,1200"  # two budgets: the effective-compute ratio needs the baseline at two or more
 EVAL_SEED = 1234  # validation batches are the same for every evaluation of every run
 VARIANT_KEYS = {**rins.MODEL_KEYS, "block_size": int, "batch_size": int, "learning_rate": float}
 LOCKS = []  # the open lock files of this process's runs: a lock lives as long as its file is open
