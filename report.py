@@ -402,8 +402,8 @@ def result_rows(records, baseline):
                 above_floor=None if r["floor"] is None else e["val_loss"] - r["floor"],
                 effective_compute=ratio, effective_compute_bound=bound, flops=flops,
                 effective_compute_flops=flops_ratio, effective_compute_flops_bound=flops_bound,
-                k=k, token_multiplier=None if flops_ratio is None else flops_ratio * k, budget_unit=t.budget_unit, wall_s=r["wall_s"], mfu=r["mfu"],
-                n_params=r["n_params"]))
+                k=k, token_multiplier=None if flops_ratio is None else flops_ratio * k,
+                budget_unit=t.budget_unit, wall_s=r["wall_s"], mfu=r["mfu"], n_params=r["n_params"]))
     return rows
 
 def budget_fits(records, n_boot=200):
@@ -631,8 +631,7 @@ def legend_below(fig, axes, **kw):
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     if handles:
-        fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=3 if len(handles) > 4 else 2,
-                   **kw)
+        fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=columns(handles), **kw)
 
 def cells(records):
     """variant -> budget_steps (ascending) -> its runs (over seeds), the variants in the order of the records."""
@@ -662,8 +661,16 @@ def apart(values, decades=0.15):
 def log_ticks(ax, values, axis="x"):
     """A labelled tick at each value on a log axis (one spanning under a decade would label at most one)."""
     ticks = apart(values)
-    getattr(ax, f"set_{axis}ticks")(ticks, [f"{t:.2g}" if t < 10 or t >= 1e4 else f"{t:.0f}" for t in ticks])
+    getattr(ax, f"set_{axis}ticks")(ticks, [tick_label(t) for t in ticks])
     getattr(ax, f"set_{axis}ticks")([], minor=True)
+
+def tick_label(value):
+    """0.25, 6.4, 52, 1002: two significant digits below 10, whole numbers up to 10,000 (no 1e+03)."""
+    return f"{value:.2g}" if value < 10 or value >= 1e4 else f"{value:.0f}"
+
+def columns(labels):
+    """How many legend columns fit the figure's width: three short labels a row, or two long ones."""
+    return 3 if max(map(len, labels)) <= 30 else 2
 
 def new_figure(panels, title, height=3.6, sharey=False):
     from matplotlib.figure import Figure  # no pyplot: no display, no global state
@@ -711,15 +718,16 @@ def plot_study(records, rows, baseline, path):
         min(spent.values())))
     loss.set(xscale="log", xlabel=f"training FLOPs (x {scale:.0e})", ylabel="final validation loss (nats/token)",
              xlim=(min(spent.values()) / 1.5, max(spent.values()) * 1.5))  # room around the points, at one budget too
-    loss.set_xticks(ticks, [f"{t / scale:.2g}" for t in ticks])
+    loss.set_xticks(ticks, [tick_label(t / scale) for t in ticks])
     loss.set_xticks([], minor=True)
     plot_rounds(rounds, records, style)
     plot_ratio(ratio, rows, baseline, style, "effective-compute ratio")
     # one legend: the variants as the loss panel names them, and the ratio panel's lines at one round
     pairs = [*zip(*loss.get_legend_handles_labels()), *((h, label) for h, label in zip(
         *ratio.get_legend_handles_labels()) if label.endswith("1 round"))]
-    fig.legend(*zip(*pairs), loc="outside lower center", ncol=3 if len(pairs) > 4 else 2, title="dashed: at 1 "
-               "round; dotted: a model without rounds; open marker: a bound beyond the baseline's budgets")
+    fig.legend(*zip(*pairs), loc="outside lower center", ncol=columns([label for _, label in pairs]),
+               title="dashed: at 1 round; dotted: a model without rounds; open marker: a bound beyond the baseline's "
+               "budgets")
     save(fig, path)
 
 def plot_rounds(ax, records, style):

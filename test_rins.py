@@ -2036,12 +2036,20 @@ def test_results_md_depth_tables_agree_with_the_committed_runs():
                 ratio = "" if variant == "AB" or not group else f"; ×{written_ratio(ratios[variant, budget][2])}"
                 assert cell == (f"{written([final(r) for r in group], 3)}{ratio} ({len(group)})" if group else "")
     gains = re.findall(r"^\| `(\w+)` \((\d+)\) \| `([^`]+)` \| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| "
-                       r"([-+][0-9.]+) \| ([-+][0-9.]+) \| ([-+][0-9.]+) \|$", text, re.M)
+                       r"(own|matched) \| ([-+][0-9.]+) \| ([-+][0-9.]+) \| ([-+][0-9.]+) \|$", text, re.M)
     assert sorted({(folder, int(layers)) for folder, layers, *_ in gains}) == [("depth16", 16), ("depth8", 8), ("regime_w32", 4)]
-    for folder, layers, variant, budget, per_param, epochs, *quoted in gains:
+    assert ("depth16", "2800", "matched") in {(folder, budget, kind) for folder, _, _, budget, _, _, kind, *_ in gains}
+    for folder, layers, variant, budget, per_param, epochs, pairing, *quoted in gains:
         ab, seed = of(folder, "AB", int(budget)), lambda r: r["run"]["train"]["seed"]
-        half = {seed(r): final(r) for r in of(folder, "AB", int(budget) // 2)}
+        # own: AB at B/2 of the study; matched: AB at B/2 with A3B's warm-up in steps, in the study's twin folder
+        twins = ([r for r in committed_runs(f"{folder}_warmup/f0.4") if r["run"]["variant"] == "AB"
+                  and r["run"]["train"]["budget_steps"] == int(budget) // 2] if pairing == "matched"
+                 else of(folder, "AB", int(budget) // 2))
+        half = {seed(r): final(r) for r in twins}
         deltas = [half[seed(r)] - final(r) for r in of(folder, variant, int(budget)) if seed(r) in half]
+        if pairing == "matched":  # the same warm-up in steps, or it is no twin
+            assert {r["run"]["train"]["warmup_steps"] for r in twins} == \
+                {r["run"]["train"]["warmup_steps"] for r in of(folder, variant, int(budget))}
         assert quoted == [f"{d:+.4f}" for d in deltas[:2]] + [f"{np.mean(deltas):+.4f}"]
         assert ab[0]["run"]["model"]["n_layer"] == int(layers)
         assert (f"{np.mean([r['tokens_per_param'] for r in ab]):.1f}", f"{np.mean([r['epochs'] for r in ab]):.3f}") \
