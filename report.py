@@ -54,9 +54,9 @@ def main(argv=None):
                    "extends another, with the same model and flags)")
     p.add_argument("--twins", help="one folder: the baseline's schedule twins, each at half a budget with the "
                    "recursive runs' warm-up in steps, for the per-token gain with matched warm-up")
-    p.add_argument("--figure", choices=("multiplier", "depth"), help="multiplier (one folder): the token "
-                   "multiplier m against k, to --plot; depth (several folders, one depth each): one panel per "
-                   "--variants, one line per folder")
+    p.add_argument("--figure", choices=("multiplier", "depth"), help="multiplier: the token multiplier m against "
+                   "k, to --plot (several folders: pooled into one study, e.g. a sweep and the study whose baseline "
+                   "it shares); depth (several folders, one depth each): one panel per --variants, a line per folder")
     args = p.parse_args(argv)
     select = Selection(variants=args.variants and [v.strip() for v in args.variants.split(",")],
                        budget_steps=int_list(args.budget_steps or "", "--budget_steps"),
@@ -147,13 +147,16 @@ def borrowed_baseline(baseline_dir, baseline, records, folder, same=False):
     data and budget unit are this folder's, so that the numbers compare."""
     base = [r for r in read_runs(baseline_dir) if r.run.variant == baseline]
     require(base, f"--baseline_dir {baseline_dir} has no runs of {baseline}")
-    shape = lambda r: (r.run.train.dataset, r.run.train.budget_unit, r.run.model.n_layer, r.run.model.n_embd,
-                       r.run.model.n_head, r.run.model.block_size, r.run.model.vocab_size)
-    require({shape(r) for r in base} == {shape(r) for r in records}, f"--baseline_dir {baseline_dir}: its "
-            f"{baseline} runs have another model, data or budget unit than {folder}'s runs")
+    require(shape(base) == shape(records), f"--baseline_dir {baseline_dir}: its {baseline} runs have another model, "
+            f"data or budget unit than {folder}'s runs")
     require(same or not any(r.run.variant == baseline for r in records), f"{folder} has runs of {baseline} "
             f"itself: drop --baseline_dir")
     return base
+
+def shape(records):
+    """What runs must share for their numbers to compare: data, budget unit, layers, width, heads, context."""
+    return {(r.run.train.dataset, r.run.train.budget_unit, r.run.model.n_layer, r.run.model.n_embd, r.run.model.n_head,
+             r.run.model.block_size, r.run.model.vocab_size) for r in records}
 
 # what report reads of a run.json besides its Run (flops: only since FLOPs became the unit)
 RECORD_KEYS = {"run", "trained_rounds", "steps", "tokens", "epochs", "tokens_per_param", "cost", "target", "wall_s",
@@ -192,8 +195,7 @@ def report_folders(args, select):
     """Several folders: their runs at one budget varying a setting are one grid (e.g. the warm-up folders);
     else each folder is a study, and the figure is the headline: one panel of effective-compute ratios each."""
     require(args.plot, "several folders need --plot (where the figure goes)")
-    require(args.figure != "multiplier" and not (args.baseline_dir or args.twins), "--figure multiplier, "
-            "--baseline_dir and --twins read one folder")
+    require(not (args.baseline_dir or args.twins), "--baseline_dir and --twins go with one folder")
     require(not (select.budget_steps or select.seeds) and (args.figure == "depth" or not select.variants),
             "--variants, --budget_steps and --seeds select runs of one folder (several folders: --variants "
             "names the panels of --figure depth)")
@@ -201,7 +203,15 @@ def report_folders(args, select):
     for folder, runs in studies.items():
         check_settings(runs, folder)
     records = [r for runs in studies.values() for r in runs]
-    if args.figure == "depth":
+    if args.figure == "multiplier":  # the folders are one study: its layouts' m against k
+        for folder, runs in studies.items():
+            require(shape(runs) == shape(records), f"--figure multiplier pools the folders into one study: {folder}'s "
+                    f"runs have another model, data or budget unit than {args.folders[0]}'s")
+        check_settings(records, " and ".join(args.folders))
+        baseline = args.baseline or BASELINE
+        print_summary(records, budget_fits(records), baseline)
+        plot_multiplier(result_rows(records, baseline), baseline, styles(records), args.plot)
+    elif args.figure == "depth":
         variants = select.variants or ["A3B"]
         missing = [v for v in variants if not any(r.run.variant == v for r in records)]
         require(not missing, f"--variants: no folder has runs of {', '.join(missing)}")
@@ -846,9 +856,9 @@ def plot_multiplier(rows, baseline, style, path):
         ks = np.linspace(1, max(row["k"] for row in trained) * 1.05, 2)
         ax.plot(ks, ks, color="grey", linestyle="--", linewidth=1, label="m = k: as good as AB at equal compute")
         ax.axhline(1.0, color="grey", linestyle=":", linewidth=1, label="m = 1: extra rounds buy nothing")
-        ax.set(xlabel=f"k: training FLOPs per token over {baseline}",
-               title=f"{budget} AB steps ({ab_tokens_per_param(rows, baseline, budget):.0f} tokens/param)")
-    axes[0].set_ylabel("m: AB tokens one token is worth")
+        ax.set(title=f"{budget} {baseline} steps\n{ab_tokens_per_param(rows, baseline, budget):.0f} tokens/param",
+               xlabel=f"k: FLOPs/token over {baseline}")
+    axes[0].set_ylabel(f"m: {baseline} tokens one token is worth")
     legend_below(fig, axes)
     save(fig, path)
 

@@ -1407,6 +1407,12 @@ def test_figures_fit_the_readme_column(data_dir, tmp_path):
     report.main([str(tmp_path / "a"), str(tmp_path / "b"), "--plot", str(tmp_path / "headline.png")])
     report.main([str(tmp_path / "a"), str(tmp_path / "b"), "--figure", "depth", "--plot", str(tmp_path / "depth.png")])
     report.main([str(tmp_path / "a"), "--figure", "multiplier", "--plot", str(tmp_path / "m.png")])
+    # a sweep pooled with the study whose baseline it shares; a study of another model is refused
+    run_train(data_dir, tmp_path / "c", "--variants", "A2B", "--budget_steps", "8,16")
+    (tmp_path / "m.png").unlink()
+    report.main([str(tmp_path / "a"), str(tmp_path / "c"), "--figure", "multiplier", "--plot", str(tmp_path / "m.png")])
+    with pytest.raises(SystemExit, match="pools the folders into one study: .* another model"):
+        report.main([str(tmp_path / "a"), str(tmp_path / "b"), "--figure", "multiplier", "--plot", str(tmp_path / "x.png")])
     for png in ("a/loss_vs_cost.png", "headline.png", "depth.png", "m.png"):
         width = struct.unpack(">I", (tmp_path / png).read_bytes()[16:20])[0]  # the PNG header's IHDR width
         assert 800 <= width <= 1600, (png, width)
