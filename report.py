@@ -641,7 +641,7 @@ def legend_below(fig, axes, **kw):
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     if handles:
-        fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=columns(handles), **kw)
+        fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=columns(fig, handles), **kw)
 
 def cells(records):
     """variant -> budget_steps (ascending) -> its runs (over seeds), the variants in the order of the records."""
@@ -678,9 +678,10 @@ def tick_label(value):
     """0.25, 6.4, 52, 1002: two significant digits below 10, whole numbers up to 10,000 (no 1e+03)."""
     return f"{value:.2g}" if value < 10 or value >= 1e4 else f"{value:.0f}"
 
-def columns(labels):
-    """How many legend columns fit the figure's width: three short labels a row, or two long ones."""
-    return 3 if max(map(len, labels)) <= 30 else 2
+def columns(fig, labels):
+    """How many legend columns fit the figure's width: a 10-point character is about 0.085 inches wide, and a
+    column also holds the marker and a gap (about 5 characters)."""
+    return max(1, min(4, int(fig.get_figwidth() / ((max(map(len, labels)) + 5) * 0.085))))
 
 def new_figure(panels, title, height=3.6, sharey=False):
     from matplotlib.figure import Figure  # no pyplot: no display, no global state
@@ -735,7 +736,7 @@ def plot_study(records, rows, baseline, path):
     # one legend: the variants as the loss panel names them, and the ratio panel's lines at one round
     pairs = [*zip(*loss.get_legend_handles_labels()), *((h, label) for h, label in zip(
         *ratio.get_legend_handles_labels()) if label.endswith("1 round"))]
-    fig.legend(*zip(*pairs), loc="outside lower center", ncol=columns([label for _, label in pairs]),
+    fig.legend(*zip(*pairs), loc="outside lower center", ncol=columns(fig, [label for _, label in pairs]),
                title="dashed: at 1 round; dotted: a model without rounds; open marker: a bound beyond the baseline's "
                "budgets")
     save(fig, path)
