@@ -2060,3 +2060,21 @@ def test_results_md_depth_tables_agree_with_the_committed_runs():
         assert ab[0]["run"]["model"]["n_layer"] == int(layers)
         assert (f"{np.mean([r['tokens_per_param'] for r in ab]):.1f}", f"{np.mean([r['epochs'] for r in ab]):.3f}") \
             == (per_param, epochs)
+
+def anchor(heading):
+    """GitHub's anchor of a Markdown heading: lower case, spaces to hyphens, other punctuation dropped."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+def test_results_md_index_names_every_folder_and_links_resolve():
+    text = open(os.path.join(ROOT, "RESULTS.md")).read()
+    index = text.split("## Study index")[1].split("\n### ")[0]
+    anchors = {anchor(h) for h in re.findall(r"^#+ (.*)$", text, re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", index)
+    assert links and all(link in anchors for link in links), [link for link in links if link not in anchors]
+    named = {name.split("/")[0] for name in re.findall(r"^\| ((?:`[\w/*.]+`(?:, )?)+) \|", index, re.M)
+             for name in re.findall(r"`([\w/*.]+)`", name)}
+    folders = {f for f in os.listdir(os.path.join(ROOT, "results")) if os.path.isdir(os.path.join(ROOT, "results", f))}
+    assert folders <= named, folders - named  # every committed folder has a row
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for link in re.findall(r"\(RESULTS\.md#([^)]+)\)", readme):  # the README's links into RESULTS.md resolve too
+        assert link in anchors, link
