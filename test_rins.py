@@ -722,7 +722,8 @@ def test_cuda_compiled_generate_compiles_once_keeps_cuda_graphs_and_never_syncs(
     dynamo.utils.counters.clear()
     model = gpu_model(accelerator, **kw).eval()
     step = rins.compile_decode_step(accelerator)
-    prompts = [torch.randint(0, 512, (2, n), generator=torch.Generator().manual_seed(n)).to(accelerator) for n in (8, 5)]
+    prompts = [torch.randint(0, 512, (2, n), generator=torch.Generator().manual_seed(n)).to(accelerator)
+               for n in (8, 5)]
     strict = {"triton.cudagraph_or_error": True} if hasattr(inductor_config.triton, "cudagraph_or_error") else {}
     with dynamo.config.patch(error_on_recompile=True), inductor_config.patch(strict):
         for prompt in prompts:
