@@ -620,10 +620,16 @@ def decode_step(model, token, pos, cache, rounds=None):
     compiled step is traced once."""
     return model(token, rounds=rounds, cache=cache, pos=pos)[0]
 
-def compile_decode_step(device):
-    """decode_step compiled whole. On CUDA "reduce-overhead" replays it as one CUDA graph: at batch 1 a
-    small model's step is bound by kernel launches (about 20 per layer), not by arithmetic."""
-    return torch.compile(decode_step, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
+def decode_step_math_attention(model, token, pos, cache, rounds=None):
+    """decode_step held to PyTorch's own attention (SDPBackend.MATH): compiled, inductor then writes the
+    attention itself, which at one query per sequence may beat the fused kernels (bench.py keeps the faster)."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return decode_step(model, token, pos, cache, rounds)
+
+def compile_decode_step(device, step=decode_step):
+    """A decoding step (decode_step) compiled whole. On CUDA "reduce-overhead" replays it as one CUDA graph:
+    at batch 1 a small model's step is bound by kernel launches (about 20 per layer), not by arithmetic."""
+    return torch.compile(step, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
 
 # positions per chunk of the LM head + loss in training: at GPT-2's 50,304 tokens a chunk's float32
 # logits take 0.8 GB, where a 16 x 1024 batch's take 3.3 GB; the CPU's small batches fit in one chunk

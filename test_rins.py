@@ -1455,9 +1455,10 @@ def test_the_ratio_figure_tells_variants_of_a_layout_apart_and_labels_small_budg
 # bench.py: speed side by side (ratios, not timings, are what a test can check)
 
 def test_bench_writes_every_row_with_consistent_ratios(tmp_path):
-    out = bench.main(["--n_layer", "4", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "2",
-                      "--vocab", "37", "--repeats", "1", "--max_new_tokens", "4", "--device", "cpu",
-                      "--out_dir", str(tmp_path)])
+    tiny = ["--n_layer", "4", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "2", "--vocab",
+            "37", "--repeats", "1", "--max_new_tokens", "4", "--long_prompt", "8", "--long_new_tokens", "3",
+            "--device", "cpu", "--out_dir", str(tmp_path)]
+    out = bench.main(tiny)
     assert json.load(open(tmp_path / "bench.json")) == json.loads(json.dumps(out))  # all of it on disk
     rows = {r["variant"]: r for r in out["train"]}
     assert set(bench.BENCH_VARIANTS) <= set(rows) and {"AB, 8 layers", "AB, plain loop", "AB, whole logits"} <= set(rows)
@@ -1469,8 +1470,30 @@ def test_bench_writes_every_row_with_consistent_ratios(tmp_path):
         assert r["per_app_vs_ab"] == pytest.approx(expected)
     assert rows["A3B"]["per_app_vs_plain"] == pytest.approx(rows["A3B"]["ms_per_step"] / rows["AB, 8 layers"]["ms_per_step"])
     assert [(r["model"], r["batch"]) for r in out["decode"]] == [(m, b) for m in bench.DECODE_VARIANTS for b in (1, 64)]
+    assert [(r["prompt"], r["new_tokens"]) for r in out["decode"]] == [(16, 4), (8, 3)] * len(bench.DECODE_VARIANTS)
     for r in out["decode"]:
         assert r["cached_vs_uncached"] == pytest.approx(r["eager cached tok/s"] / r["eager uncached tok/s"])
+        # without --compile nothing compiled ran, and the row says so
+        assert r["compile_s"] is r["tokens_agree"] is r["compiled_vs_eager_cached"] is r["errors"] is None
+        assert r["cudagraph_skips"] == 0
+    # --only decode measures the decode rows again and keeps the training rows already in bench.json
+    again = bench.main(tiny + ["--only", "decode"])
+    assert again["train"] == out["train"] and json.load(open(tmp_path / "bench.json")) == json.loads(json.dumps(again))
+
+def test_bench_decode_row_records_what_ran_and_goes_on_after_an_error(monkeypatch):
+    # the "compiled" step run eager (compiling is .ci/gpu's to time) and an attention variant that fails: the row
+    # records the error and still measures every other way; the greedy tokens agree from the first to the last
+    def broken(*args):
+        raise RuntimeError("no kernel")
+    monkeypatch.setattr(rins, "compile_decode_step", lambda device, step: step)
+    monkeypatch.setattr(bench, "COMPILED_ATTENTION", {"default": rins.decode_step, "broken": broken})
+    prompt = torch.randint(0, 37, (2, 5), generator=torch.Generator().manual_seed(8))
+    row = bench.decode_row(tiny_model(signature="A3B").eval(), prompt, 6, torch.device("cpu"), compiled=True)
+    assert row["errors"] == {"compiled, broken": "RuntimeError: no kernel"}
+    assert row["attention"] == "default" and row["other attention tok/s"] is None
+    assert row["tokens_agree"] == 6 and row["compile_s"] > 0 and row["cudagraph_skips"] == 0
+    assert row["compiled_vs_eager_cached"] == pytest.approx(row["compiled cached tok/s"] / row["eager cached tok/s"])
+    assert row["compiled_vs_uncached"] == pytest.approx(row["compiled cached tok/s"] / row["eager uncached tok/s"])
 
 # =============================================================================
 # data/: prepare.py and the grammar corpus (data/grammar.py)
