@@ -74,11 +74,12 @@ def bench(args):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     kept = json.load(open(path)) if args.only and os.path.exists(path) else {}  # the other part's rows
     out = dict(kept, device=name, torch=torch.__version__, cuda=torch.version.cuda, compile=args.compile,
-               batch=[args.batch_size, args.block_size], n_layer=args.n_layer, n_embd=args.n_embd, vocab=args.vocab)
+               batch=[args.batch_size, args.block_size], n_layer=args.n_layer, n_embd=args.n_embd, vocab=args.vocab,
+               peak_flops=rins.peak_flops(device))
     # written after every part and every decode row: if a row fails or the stage runs out of time (.ci/gpu's
     # time-out), what was measured before it is already on disk
     save = lambda: write_atomic(path, json.dumps(out, indent=1).encode())
-    print({k: v for k, v in out.items() if k not in ("train", "loss", "decode")})
+    print({k: v for k, v in out.items() if k not in ("train", "loss", "decode")})  # what ran where
     if args.only != "decode":
         print(f"median of {args.repeats} interleaved rounds of {BENCH_STEPS} training steps "
               f"(forward, backward, clip, AdamW, zero_grad) between synchronisations")
@@ -89,6 +90,7 @@ def bench(args):
         save()
     if args.only != "train":
         out["decode"] = []
+        save()  # no earlier run's decode rows left to read as this one's, should this one be cut off
         bench_decode(args, device, out["decode"], save)
     save()
     print(f"wrote {path}")

@@ -747,9 +747,12 @@ def parse_device(name):
         raise ValueError(f"{name!r}: this machine has {torch.cuda.device_count()} CUDA devices, numbered from 0")
     return d
 
-# dense bf16 tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name()
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-                   "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}  # V100, T4: no bf16 tensor cores
+# dense bf16 tensor-core peaks in FLOP/s (NVIDIA's datasheets, half the figures "with sparsity"), by a substring of
+# torch.cuda.get_device_name(). The first that matches counts, so the specific names come first: "NVIDIA H100 PCIe"
+# and "NVIDIA H100 NVL" are slower boards than the SXM one ("NVIDIA H100 80GB HBM3"), as "NVIDIA H200 NVL" than "H200"
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+                   "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12,
+                   "RTX 3090": 71e12}  # V100, T4: no bf16 tensor cores
 
 def peak_flops(device):
     """The device's dense bf16 peak, for MFU; None on CPU or for an unknown GPU."""

@@ -587,6 +587,15 @@ def test_flops_per_token_by_hand():
         assert model.flops_per_token(T) == hand(4 + 2 * kept, 1 + kept, 0)
     assert rins.peak_flops("cpu") is None
 
+def test_peak_flops_reads_the_board_from_the_device_name(monkeypatch):
+    # the names torch.cuda.get_device_name gives, against NVIDIA's dense bf16 datasheet figures
+    boards = {"NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H100 80GB HBM3": 989e12,
+              "NVIDIA H200 NVL": 835e12, "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
+              "Tesla V100-SXM2-16GB": None}
+    for name, peak in boards.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        assert rins.peak_flops("cuda") == peak, name
+
 # -----------------------------------------------------------------------------
 # a training forward: the loss falls, compiled blocks
 
