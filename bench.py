@@ -1,11 +1,14 @@
 """
 Speed, measured side by side in one run: training steps of every layout (per layer application, against AB
 and against a plain model with the same applications; MFU on a GPU), the LM head + loss's memory, and
-greedy decoding eager uncached, eager cached and compiled. Machines are noisy, so the variants are timed
-interleaved, several rounds each, and the median is reported; --out_dir/bench.json keeps it all.
+greedy decoding eager uncached, eager cached and compiled, each decode row with what proves what ran
+(compile_s, tokens_agree, cudagraph_skips, the attention kept, errors). Machines are noisy, so the variants are
+timed interleaved, several rounds each, and the median is reported; --out_dir/bench.json keeps it all, rewritten
+after every part and every decode row.
 
     python bench.py                                   # CPU: 4 layers x 96, batch 32 x 64
     python bench.py --compile --repeats 3 --max_new_tokens 128
+    python bench.py --only decode --compile           # the decode rows again, the training rows kept
     bash .ci/gpu                                      # on a GPU: GPT-2 small, the goals in the README
 
 No data is needed: the models are random and the batches random tokens, as speed does not depend on them.

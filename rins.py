@@ -12,7 +12,8 @@ Where each definition lives (the README's "Definitions" section says the same wi
   the recursive block and `rounds`     -> recursive_block, Transformer.plan
   stochastic RINS                      -> Transformer.plan
   linear adapters                      -> Adapter, adapter_rank
-  KV cache and KV sharing              -> KVCache, Transformer.forward, decode_step
+  KV cache and KV sharing              -> KVCache, Transformer.forward, GPT.decoding_cache, decode_step
+  sampling without a host sync         -> next_token
   compute accounting and the budget    -> expected_counts, cost_per_token, plan_budget, flops_per_token
   variants "A3B:p_skip=0.5:adapters=1" -> parse_variant
   learning-rate schedule and AdamW     -> learning_rate, adamw (shared by train.py and eval_siglip.py)
