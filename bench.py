@@ -1,11 +1,14 @@
 """
 Speed, measured side by side in one run: training steps of every layout (per layer application, against AB
 and against a plain model with the same applications; MFU on a GPU), the LM head + loss's memory, and
-greedy decoding eager uncached, eager cached and compiled. Machines are noisy, so the variants are timed
-interleaved, several rounds each, and the median is reported; --out_dir/bench.json keeps it all.
+greedy decoding eager uncached, eager cached and compiled, each decode row with what proves what ran
+(compile_s, tokens_agree, cudagraph_skips, the attention kept, errors). Machines are noisy, so the variants are
+timed interleaved, several rounds each, and the median is reported; --out_dir/bench.json keeps it all, rewritten
+after every part and every decode row.
 
     python bench.py                                   # CPU: 4 layers x 96, batch 32 x 64
     python bench.py --compile --repeats 3 --max_new_tokens 128
+    python bench.py --only decode --compile           # the decode rows again, the training rows kept
     bash .ci/gpu                                      # on a GPU: GPT-2 small, the goals in the README
 
 No data is needed: the models are random and the batches random tokens, as speed does not depend on them.
@@ -39,7 +42,13 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--vocab", type=int, default=65, help="vocabulary of the bench models")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds per measurement")
-    p.add_argument("--max_new_tokens", type=int, default=128, help="tokens decoded per call")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="tokens decoded per call at batch 1")
+    p.add_argument("--long_prompt", type=int, default=64, help="the batch-64 decode row's prompt (.ci/gpu: 512, "
+                   "so that arithmetic, not kernel launches, bounds an uncached step)")
+    p.add_argument("--long_new_tokens", type=int, default=32, help="tokens decoded per call at batch 64")
+    p.add_argument("--compiled_rows", choices=["all", "goals"], default="all",
+                   help="decode rows with a compiled step (--compile): all, or the one a goal reads (AB, batch 1)")
+    p.add_argument("--only", choices=["train", "decode"], help="one part; bench.json keeps the other's rows")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks and the decoding step")
     p.add_argument("--out_dir", default="out", help="where bench.json goes")
@@ -58,28 +67,36 @@ def bench(args):
         device = rins.parse_device(args.device)
     except ValueError as e:
         require(False, f"--device: {e}")
-    check_flags(args, ("batch_size", "block_size", "repeats", "vocab", "n_head", "max_new_tokens"), [
+    check_flags(args, ("batch_size", "block_size", "repeats", "vocab", "n_head", "max_new_tokens", "long_prompt",
+                       "long_new_tokens"), [
         ("n_layer", args.n_layer >= 4 and args.n_layer % 4 == 0, "4, 8, ... (for (A3B)2)"),
         ("n_embd", args.n_head >= 1 and args.n_embd % args.n_head == 0, "a multiple of --n_head")])
     os.makedirs(args.out_dir, exist_ok=True)
     torch.set_float32_matmul_precision("high")
+    path = os.path.join(args.out_dir, "bench.json")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    out = dict(device=name, torch=torch.__version__, cuda=torch.version.cuda, compile=args.compile,
-               batch=[args.batch_size, args.block_size], n_layer=args.n_layer, n_embd=args.n_embd,
-               vocab=args.vocab)
-    print(f"{out}; median of {args.repeats} interleaved rounds of {BENCH_STEPS} training steps "
-          f"(forward, backward, clip, AdamW, zero_grad) between synchronisations")
-    out["train"], out["loss"] = bench_train(args, device)
-    print_table(out["train"])
-    print(f"stochastic rows: the mean over {out['train'][-1]['draws']} draws of the rounds, in rounds of "
-          f"{out['train'][-1]['draws'] // args.repeats} steps\n{out['loss']['text']}")
-    # written now and again after decoding: if decoding fails or runs out of time (.ci/gpu's stage time-out),
-    # the training figures are already on disk
-    write_atomic(os.path.join(args.out_dir, "bench.json"), json.dumps(out, indent=1).encode())
-    out["decode"] = bench_decode(args, device)
-    print_table(out["decode"])
-    write_atomic(os.path.join(args.out_dir, "bench.json"), json.dumps(out, indent=1).encode())
-    print(f"wrote {os.path.join(args.out_dir, 'bench.json')}")
+    kept = json.load(open(path)) if args.only and os.path.exists(path) else {}  # the other part's rows
+    out = dict(kept, device=name, torch=torch.__version__, cuda=torch.version.cuda, compile=args.compile,
+               batch=[args.batch_size, args.block_size], n_layer=args.n_layer, n_embd=args.n_embd, vocab=args.vocab,
+               peak_flops=rins.peak_flops(device))
+    # written after every part and every decode row: if a row fails or the stage runs out of time (.ci/gpu's
+    # time-out), what was measured before it is already on disk
+    save = lambda: write_atomic(path, json.dumps(out, indent=1).encode())
+    print({k: v for k, v in out.items() if k not in ("train", "loss", "decode")})  # what ran where
+    if args.only != "decode":
+        print(f"median of {args.repeats} interleaved rounds of {BENCH_STEPS} training steps "
+              f"(forward, backward, clip, AdamW, zero_grad) between synchronisations")
+        out["train"], out["loss"] = bench_train(args, device)
+        print_table(out["train"])
+        print(f"stochastic rows: the mean over {out['train'][-1]['draws']} draws of the rounds, in rounds of "
+              f"{out['train'][-1]['draws'] // args.repeats} steps\n{out['loss']['text']}")
+        save()
+    if args.only != "train":
+        out["decode"] = []
+        save()  # no earlier run's decode rows left to read as this one's, should this one be cut off
+        bench_decode(args, device, out["decode"], save)
+    save()
+    print(f"wrote {path}")
     return out
 
 def bench_train(args, device):
@@ -145,34 +162,74 @@ def loss_memory(args, memory, device):
     return dict(whole_logits_bytes=whole, chunk_logits_bytes=chunk, step_memory_saved_gib=saved,
                 text=text + f"measured: AB's step takes {saved:.2f} GiB less than with whole logits")
 
-def bench_decode(args, device):
-    """Greedy decoding of --max_new_tokens after 16 tokens at batch 1 and 64: eager without the cache, eager
-    with it, and the compiled step (with --compile), the median of DECODE_REPEATS interleaved rounds."""
-    rows, n = [], args.max_new_tokens
+def bench_decode(args, device, rows, save):
+    """Greedy decoding at batch 1 (--max_new_tokens after 16 tokens) and 64 (--long_new_tokens after
+    --long_prompt), eager uncached, eager cached and (with --compile) compiled cached, from a bf16 copy of the
+    model on CUDA; each row added to rows and saved as soon as it is measured."""
+    shapes = [(1, 16, args.max_new_tokens), (64, args.long_prompt, args.long_new_tokens)]
+    print(f"decoding: median of {DECODE_REPEATS} interleaved rounds; compile_s: the compiled step's warm-up "
+          f"(compiling, recording the CUDA graph); tokens_agree: the greedy prefix compiled and eager cached share")
     for v in DECODE_VARIANTS:
-        model = bench_model(args, v, device, 16 + n, compile=False).eval()
-        ways = {"eager uncached": dict(use_cache=False), "eager cached": {}}
-        if args.compile:
-            # [known cost] generate makes a new cache per call, so on CUDA "reduce-overhead" may record the
-            # step's graph again for each call's new cache addresses: one recording per timed call, not per token
-            ways["compiled cached"] = dict(step=rins.compile_decode_step(device))
-        for batch in (1, 64):
-            prompt = torch.randint(0, args.vocab, (batch, 16), device=device)
-            run = lambda kw, tokens: model.generate(prompt, tokens, temperature=0, **kw)
-            times = {way: [] for way in ways}
-            with rins.autocast(device):
-                for kw in ways.values():
-                    run(kw, 8)  # warm-up (and compilation)
-                for _ in range(DECODE_REPEATS):
-                    for way, kw in ways.items():
-                        times[way].append(timed(lambda: run(kw, n), device))
-            tok_s = {way: batch * n / statistics.median(ts) for way, ts in times.items()}
-            rows.append(dict(model=v, batch=batch, **{f"{w} tok/s": tok_s.get(w) for w in
-                                                      ("eager uncached", "eager cached", "compiled cached")},
-                             cached_vs_uncached=tok_s["eager cached"] / tok_s["eager uncached"],
-                             compiled_vs_uncached=tok_s["compiled cached"] / tok_s["eager uncached"]
-                             if args.compile else None))
+        for batch, prompt_len, n in shapes:
+            torch._dynamo.reset()  # every row compiles afresh: no graph, shape or CUDA graph pool carried over
+            model = bench_model(args, v, device, prompt_len + n, compile=False).eval()
+            model = model.to(torch.bfloat16) if device.type == "cuda" else model  # no cast of every weight per step
+            compiled = args.compile and (args.compiled_rows == "all" or (v, batch) == ("AB", 1))
+            prompt = torch.randint(0, args.vocab, (batch, prompt_len), device=device)
+            rows.append(dict(model=v, batch=batch, prompt=prompt_len, new_tokens=n,
+                             **decode_row(model, prompt, n, device, compiled)))
+            print_table(rows[-1:])
+            save()
     return rows
+
+def decode_row(model, prompt, n, device, compiled):
+    """One decode row's measurements. Each way runs in its own try: an error is recorded, the others still run.
+    The compiled step is tried with the default attention and with MATH's, and the faster kept."""
+    ways = {"eager uncached": dict(use_cache=False), "eager cached": {}}
+    if compiled:
+        ways.update({f"compiled, {name}": dict(step=rins.compile_decode_step(device, step))
+                     for name, step in COMPILED_ATTENTION.items()})
+    run = lambda kw, tokens: model.generate(prompt, tokens, temperature=0, **kw)
+    warmup, times, out, errors = {}, {way: [] for way in ways}, {}, {}
+    skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    for way, kw in ways.items():  # warm-up: compiling and recording the CUDA graph, for a compiled step
+        warmup[way] = attempt(way, errors, lambda: timed(lambda: run(kw, 8), device))
+    for _ in range(DECODE_REPEATS):
+        for way, kw in ways.items():
+            if way not in errors:
+                times[way].append(attempt(way, errors, lambda: timed(lambda: out.update({way: run(kw, n)}), device)))
+    tok_s = {way: prompt.size(0) * n / statistics.median(ts) for way, ts in times.items() if way not in errors}
+    compiled_ways = [w for w in tok_s if w.startswith("compiled")]
+    best = max(compiled_ways, key=tok_s.get, default=None)
+    ratio = lambda a, b: tok_s[a] / tok_s[b] if a in tok_s and b in tok_s else None
+    row = {f"{w} tok/s": tok_s.get(w) for w in ("eager uncached", "eager cached")}
+    row.update({"compiled cached tok/s": tok_s.get(best), "attention": best and best.split(", ")[1],
+                "other attention tok/s": next((tok_s[w] for w in compiled_ways if w != best), None),
+                "cached_vs_uncached": ratio("eager cached", "eager uncached"),
+                "compiled_vs_uncached": ratio(best, "eager uncached"),
+                "compiled_vs_eager_cached": ratio(best, "eager cached"),
+                "compile_s": warmup.get(best), "tokens_agree": agreeing_prefix(out, best, prompt.size(1)),
+                "cudagraph_skips": torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips})
+    return dict(row, errors=errors or None)
+
+# the compiled step with the attention of the eager path (the first of flash, memory-efficient, math that fits)
+# and held to MATH's, whose attention inductor generates itself: at one query per sequence it may be faster
+COMPILED_ATTENTION = {"default": rins.decode_step, "math": rins.decode_step_math_attention}
+
+def attempt(way, errors, fn):
+    """fn(), or None with the error recorded under way (a row keeps what its other ways measured)."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - any failure of one way is reported in the row, not raised
+        errors[way] = f"{type(e).__name__}: {e}"[:500]
+
+def agreeing_prefix(out, best, start):
+    """How many new tokens the compiled and eager cached greedy outputs share from the first one, in every
+    sequence of the batch (None without both)."""
+    if best not in out or "eager cached" not in out:
+        return None
+    same = (out[best][:, start:] == out["eager cached"][:, start:]).all(dim=0)
+    return int(same.long().cumprod(dim=0).sum())
 
 def bench_model(args, variant, device, block_size, compile=True, n_layer=None):
     """A bench model of one variant, seeded: every variant starts from the same draws, as in a comparison."""

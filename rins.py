@@ -12,7 +12,8 @@ Where each definition lives (the README's "Definitions" section says the same wi
   the recursive block and `rounds`     -> recursive_block, Transformer.plan
   stochastic RINS                      -> Transformer.plan
   linear adapters                      -> Adapter, adapter_rank
-  KV cache and KV sharing              -> KVCache, Transformer.forward, decode_step
+  KV cache and KV sharing              -> KVCache, Transformer.forward, GPT.decoding_cache, decode_step
+  sampling without a host sync         -> next_token
   compute accounting and the budget    -> expected_counts, cost_per_token, plan_budget, flops_per_token
   variants "A3B:p_skip=0.5:adapters=1" -> parse_variant
   learning-rate schedule and AdamW     -> learning_rate, adamw (shared by train.py and eval_siglip.py)
@@ -312,20 +313,24 @@ def adapter_rank(d, n_adapters, n_params):
     return d if d * d <= budget else max(1, int(budget // (2 * d)))
 
 class LayerCache:
-    """Keys and values of one schedule position, preallocated to block_size: a decoding step then has
-    the same shapes at every position, so a compiled step is traced once (and captured as one CUDA graph)."""
+    """Keys and values of one schedule position, (batch, n_head, max_len, head size), preallocated to block_size:
+    a decoding step then has the same shapes at every position, so a compiled step is traced once (and
+    captured as one CUDA graph)."""
 
-    def __init__(self, max_len):
-        self.max_len, self.k, self.v = max_len, None, None
+    def __init__(self, shape, dtype, device):
+        self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
+        for t in (self.k, self.v):  # written in place at a fixed address: CUDA graphs may keep it
+            torch._dynamo.mark_static_address(t)
 
     def update(self, k, v, pos):
         """Write the new tokens' k, v at positions pos (T,); return the whole buffers (the attention mask
         hides the positions not written yet)."""
-        if self.k is None:  # allocated at the prompt, when the batch size and dtype are known
-            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
-            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
-            for t in (self.k, self.v):  # written in place at a fixed address: CUDA graphs may keep it
-                torch._dynamo.mark_static_address(t)
+        if k.size(0) != self.k.size(0):
+            raise ValueError(f"KV cache made for batch {self.k.size(0)}, used at batch {k.size(0)}: "
+                             f"make one with new_cache({k.size(0)})")
+        if k.dtype != self.k.dtype:
+            raise ValueError(f"KV cache holds {self.k.dtype}, the forward computes {k.dtype} keys (autocast or "
+                             f"the weights' dtype): make one with new_cache(batch, rounds, {k.dtype})")
         self.k.index_copy_(2, pos, k)
         self.v.index_copy_(2, pos, v)
         return self.k, self.v
@@ -333,14 +338,31 @@ class LayerCache:
 class KVCache:
     """The KV cache of a recursive model is keyed by *schedule position*, not by layer: a layer
     that runs three times has three caches (A3B with A = half the layers: 2x the baseline's
-    memory). With KV sharing there is one slot per distinct layer, the baseline's memory."""
+    memory). With KV sharing there is one slot per distinct layer, the baseline's memory.
+    Allocated whole for one batch, length and dtype (new_cache); reset() empties it in place, so the
+    buffers, and a compiled step's graph of them, serve every generate call after (GPT.decoding_cache)."""
 
-    def __init__(self, n_slots, max_len):
-        self.slots = [LayerCache(max_len) for _ in range(n_slots)]
+    def __init__(self, n_slots, shape, dtype, device):
+        self.slots = [LayerCache(shape, dtype, device) for _ in range(n_slots)]
+        self.max_len = shape[2]
+
+    def check(self, n_slots, max_len):
+        """Refuse a cache made for another model or other rounds, naming which (batch and dtype: update)."""
+        if self.max_len != max_len:
+            raise ValueError(f"KV cache of length {self.max_len}, the model's block_size is {max_len}: "
+                             f"make one with this model's new_cache")
+        if len(self.slots) != n_slots:
+            raise ValueError(f"KV cache of {len(self.slots)} schedule positions, these rounds run {n_slots}: "
+                             f"make one with new_cache(batch, rounds)")
+
+    def reset(self):
+        for s in self.slots:
+            s.k.zero_()
+            s.v.zero_()
 
     @property
     def nbytes(self):
-        return sum(t.numel() * t.element_size() for s in self.slots for t in (s.k, s.v) if t is not None)
+        return sum(t.numel() * t.element_size() for s in self.slots for t in (s.k, s.v))
 
 class Transformer(nn.Module):
     """The stack of blocks, walked in the order the signature's schedule gives, then LayerNorm.
@@ -416,10 +438,16 @@ class Transformer(nn.Module):
         matmul = layer * applications - 2 * C * C * kv_reuses + adapter * adapters_run
         return 6 * matmul + 12 * C * seq_len * applications
 
-    def new_cache(self, rounds=None):
-        """An empty KV cache for generation with this many rounds (the model must be in eval mode)."""
-        n_slots = self.config.n_layer if self.config.share_kv else sum(len(l) for l, _ in self.plan(rounds))
-        return KVCache(n_slots, self.config.block_size)
+    def new_cache(self, batch, rounds=None, dtype=torch.float32, device="cpu"):
+        """An empty KV cache for generation at this batch with this many rounds, its keys and values in dtype
+        (the model must be in eval mode)."""
+        c = self.config
+        shape = (batch, c.n_head, c.block_size, c.n_embd // c.n_head)
+        return KVCache(self.cache_slots(self.plan(rounds)), shape, dtype, device)
+
+    def cache_slots(self, plan):
+        """The cache's schedule positions for a plan: one per layer application, one per layer with KV sharing."""
+        return self.config.n_layer if self.config.share_kv else sum(len(layers) for layers, _ in plan)
 
     def forward(self, x, rounds=None, cache=None, pos=None):
         """Walk the plan. KV sharing [our choice]: every later application of a layer attends with the
@@ -428,9 +456,12 @@ class Transformer(nn.Module):
         pos (T,): the positions of x's tokens, with a cache."""
         if cache is not None and self.training:
             raise ValueError("cached generation needs model.eval(): the plan must not change between tokens")
+        plan = self.plan(rounds)
+        if cache is not None:
+            cache.check(self.cache_slots(plan), self.config.block_size)
         first_kv = {}  # layer -> (k, v) of its first application
         applications = reuses = adapters_run = 0
-        for layers, adapter in self.plan(rounds):
+        for layers, adapter in plan:
             for layer in layers:
                 shared = first_kv.get(layer) if self.config.share_kv else None
                 slot = None
@@ -473,6 +504,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
         init_gpt2(self, config.n_layer)
+        self.held_cache = None  # (batch, rounds, dtype, device), KVCache: generate's (decoding_cache)
 
     def get_num_params(self):
         """Parameters of the model without the adapters and, as nanoGPT counts, without the position
@@ -498,14 +530,31 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))
         x = self.transformer(x, rounds=rounds, cache=cache, pos=None if cache is None else pos)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
+            return self.lm_head(x[:, -1:, :]), None  # a slice: a list index would copy it to the device first
         if self.training:
             return None, lm_head_loss(x, self.lm_head.weight, targets, LOSS_CHUNK)
         logits = self.lm_head(x)
         return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
-    def new_cache(self, rounds=None):
-        return self.transformer.new_cache(rounds)
+    def new_cache(self, batch, rounds=None, dtype=None):
+        """An empty KVCache for batch sequences at these rounds, on the model's device, in dtype (default the
+        weights'; under autocast, autocast's: the dtype the keys are computed in)."""
+        weight = self.lm_head.weight
+        return self.transformer.new_cache(batch, rounds, dtype or weight.dtype, weight.device)
+
+    def decoding_cache(self, batch, rounds, dtype):
+        """The KV cache generate decodes with, emptied in place. [our choice] The model holds it, as gpt-fast
+        does, and allocates it again only for another batch, rounds, dtype or device: every generate call of
+        one batch reuses the same buffers, so a compiled step compiles once and its CUDA graph is recorded
+        once. (torch <= 2.9 guards a static-address tensor by identity: a new cache per call compiled the
+        step again at every call, and with fullgraph failed at the 9th.)"""
+        key = (batch, rounds, dtype, self.lm_head.weight.device)
+        if self.held_cache is None or self.held_cache[0] != key:
+            self.held_cache = None  # the old buffers freed before the new ones are allocated
+            self.held_cache = (key, self.new_cache(batch, rounds, dtype))
+        cache = self.held_cache[1]
+        cache.reset()
+        return cache
 
     # cuDNN attention builds a plan for every new sequence length, and the uncached loop and the prompt
     # make a new one every call: generation leaves it out (the other kernels need no plan)
@@ -516,18 +565,23 @@ class GPT(nn.Module):
         """Sample max_new_tokens after idx (B, T), with a KV cache unless use_cache=False.
 
         temperature 0 is greedy decoding (the most likely token). step: the cached one-token step,
-        decode_step or a compiled one (compile_decode_step). [our choice] Once the sequence outgrows
-        block_size, each step re-reads the last block_size tokens without the cache, exactly as the
-        uncached loop does, so both give the same logits.
+        decode_step or a compiled one (compile_decode_step). The cache is the model's own
+        (decoding_cache), one per batch, rounds and dtype, reused by every call. No step waits for the
+        device: positions are made on it, and next_token samples without a host synchronisation.
+        [our choice] Once the sequence outgrows block_size, each step re-reads the last block_size tokens
+        without the cache, exactly as the uncached loop does, so both give the same logits.
         """
-        cache, step = None, step or decode_step
+        device = idx.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lm_head.weight.dtype
+        cache = self.decoding_cache(idx.size(0), rounds, dtype) if use_cache and max_new_tokens else None
+        prompt, step = True, step or decode_step
         for _ in range(max_new_tokens):
             T = idx.size(1)
-            if not use_cache or T > self.config.block_size:
+            if cache is None or T > self.config.block_size:
                 logits, _ = self(idx[:, -self.config.block_size:], rounds=rounds)
-            elif cache is None:  # the prompt fills the cache in one forward
-                cache = self.new_cache(rounds)
+            elif prompt:  # the prompt fills the cache in one forward
                 logits, _ = self(idx, rounds=rounds, cache=cache)
+                prompt = False
             else:  # then the last token alone, its position T - 1 a tensor so that the shapes stay static
                 logits = step(self, token, torch.full((1,), T - 1, device=idx.device), cache, rounds)
             token = next_token(logits[:, -1, :], temperature, top_k)  # (B, 1), contiguous: static strides
@@ -543,14 +597,23 @@ class GPT(nn.Module):
 
 def next_token(logits, temperature, top_k):
     """The next token (B, 1) from the last position's logits: the argmax at temperature 0, else a draw
-    from the softmax at that temperature over the top_k most likely tokens."""
+    from the softmax at that temperature over the top_k most likely tokens.
+
+    Without a host synchronisation (gpt-fast's way): the top_k cut by torch.where, and the draw by an
+    exponential race: token i arrives at E_i / p_i with E_i ~ Exp(1) independent, an exponential time of
+    rate p_i, and the first of independent exponentials to arrive is the i-th with probability p_i / sum p.
+    (torch.multinomial and a boolean-mask assignment each wait for the device.)
+    """
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    logits = logits.float() / temperature
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < v[:, [-1]]] = -float("inf")
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+        logits = torch.where(logits < v[:, -1:], -float("inf"), logits)
+    probs = F.softmax(logits, dim=-1)
+    # a draw of exactly 0 would make p / E infinite, or NaN for a token cut by top_k: the smallest float instead
+    race = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)
+    return (probs / race).argmax(dim=-1, keepdim=True)
 
 def decode_step(model, token, pos, cache, rounds=None):
     """One cached decoding step: token (B, 1) at position pos (a (1,) tensor) -> logits (B, 1, vocab).
@@ -558,10 +621,16 @@ def decode_step(model, token, pos, cache, rounds=None):
     compiled step is traced once."""
     return model(token, rounds=rounds, cache=cache, pos=pos)[0]
 
-def compile_decode_step(device):
-    """decode_step compiled whole. On CUDA "reduce-overhead" replays it as one CUDA graph: at batch 1 a
-    small model's step is bound by kernel launches (about 20 per layer), not by arithmetic."""
-    return torch.compile(decode_step, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
+def decode_step_math_attention(model, token, pos, cache, rounds=None):
+    """decode_step held to PyTorch's own attention (SDPBackend.MATH): compiled, inductor then writes the
+    attention itself, which at one query per sequence may beat the fused kernels (bench.py keeps the faster)."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return decode_step(model, token, pos, cache, rounds)
+
+def compile_decode_step(device, step=decode_step):
+    """A decoding step (decode_step) compiled whole. On CUDA "reduce-overhead" replays it as one CUDA graph:
+    at batch 1 a small model's step is bound by kernel launches (about 20 per layer), not by arithmetic."""
+    return torch.compile(step, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
 
 # positions per chunk of the LM head + loss in training: at GPT-2's 50,304 tokens a chunk's float32
 # logits take 0.8 GB, where a 16 x 1024 batch's take 3.3 GB; the CPU's small batches fit in one chunk
@@ -679,9 +748,12 @@ def parse_device(name):
         raise ValueError(f"{name!r}: this machine has {torch.cuda.device_count()} CUDA devices, numbered from 0")
     return d
 
-# dense bf16 tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name()
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-                   "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}  # V100, T4: no bf16 tensor cores
+# dense bf16 tensor-core peaks in FLOP/s (NVIDIA's datasheets, half the figures "with sparsity"), by a substring of
+# torch.cuda.get_device_name(). The first that matches counts, so the specific names come first: "NVIDIA H100 PCIe"
+# and "NVIDIA H100 NVL" are slower boards than the SXM one ("NVIDIA H100 80GB HBM3"), as "NVIDIA H200 NVL" than "H200"
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+                   "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12,
+                   "RTX 3090": 71e12}  # V100, T4: no bf16 tensor cores
 
 def peak_flops(device):
     """The device's dense bf16 peak, for MFU; None on CPU or for an unknown GPU."""

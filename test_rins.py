@@ -381,7 +381,7 @@ def test_adapters_under_one_percent_at_gpt2_small():
 def test_cached_logits_equal_uncached(signature, share_kv):
     model = tiny_model(signature=signature, share_kv=share_kv).eval()
     idx = torch.randint(0, 37, (2, 20), generator=torch.Generator().manual_seed(2))
-    cache = model.new_cache()
+    cache = model.new_cache(2)
     logits, _ = model(idx[:, :5], cache=cache)           # prompt
     torch.testing.assert_close(logits, model(idx[:, :5])[0], atol=1e-5, rtol=1e-5)
     for t in range(5, 20):                                 # then one token at a time
@@ -392,7 +392,7 @@ def test_cache_bytes():
     sizes = {}
     for signature, share_kv in [("AB", False), ("A3B", False), ("A3B", True), ("(A3B)2", True), ("ABAB", False)]:
         model = tiny_model(signature=signature, share_kv=share_kv).eval()
-        cache = model.new_cache()
+        cache = model.new_cache(3)
         model(torch.zeros(3, 4, dtype=torch.long), cache=cache)
         sizes[signature, share_kv] = cache.nbytes
     # by hand: n_layer slots x (k and v) x batch 3 x block_size 32 x n_embd 16 x 4 bytes
@@ -415,7 +415,7 @@ def test_generate_with_cache_equals_without_also_past_block_size():
 def test_cache_needs_eval_mode():
     model = tiny_model(signature="A3B", p_skip=0.5).train()
     with pytest.raises(ValueError, match="eval"):
-        model(torch.zeros(1, 3, dtype=torch.long), cache=model.transformer.new_cache())
+        model(torch.zeros(1, 3, dtype=torch.long), cache=model.new_cache(1))
 
 def greedy_uncached(model, prompt, n, rounds=None):
     """Greedy decoding written out: the argmax of a full uncached forward, one token at a time."""
@@ -444,6 +444,60 @@ def test_compiled_decode_step_equals_uncached_and_never_recompiles(kw, rounds):
     assert torch.equal(model.generate(prompt, 20, temperature=0, rounds=rounds, step=step), expected)
     assert counter.frame_count == 1  # 19 decoding steps at 19 positions, one compilation
     dynamo.reset()
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_compiled_decode_step_compiles_once_for_many_generate_calls(guard, monkeypatch):
+    # generate reuses the model's cache, so one compiled step serves ten calls of one batch, also with the
+    # static-address guard on (torch <= 2.9's default, guard=True: a tensor guarded by identity; a new cache
+    # per call then compiled again at every call and, fullgraph, failed at the 9th); the tokens equal eager
+    # cached and uncached decoding, prompts of several lengths, so a short call follows a long one's cache
+    import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounter
+    if guard:
+        monkeypatch.setattr(dynamo, "mark_static_address", functools.partial(dynamo.mark_static_address, guard=True))
+    dynamo.reset()
+    counter = CompileCounter()
+    step = torch.compile(rins.decode_step, fullgraph=True, backend=counter)
+    model = tiny_model(signature="AB").eval()
+    g = torch.Generator().manual_seed(6)
+    for call in range(10):
+        prompt = torch.randint(0, 37, (2, 1 + 7 * call % 5), generator=g)
+        out = model.generate(prompt, 8, temperature=0, step=step)
+        assert torch.equal(out, model.generate(prompt, 8, temperature=0))
+        with torch.no_grad():
+            assert torch.equal(out, greedy_uncached(model, prompt, 8))
+    assert counter.frame_count == 1
+    # the guard really was on (or off): a step given a cache of new tensors compiles again only when it is on
+    with torch.inference_mode():  # as generate runs the step
+        step(model, prompt[:, :1].clone(), torch.tensor([0]), model.new_cache(2), None)
+    assert counter.frame_count == 1 + guard
+    dynamo.reset()
+
+def test_a_cache_of_the_wrong_batch_length_slots_or_dtype_is_refused():
+    model, other = tiny_model(signature="A3B").eval(), tiny_model(signature="A3B", block_size=16).eval()
+    idx = torch.zeros(2, 3, dtype=torch.long)
+    for cache, why in [(model.new_cache(3), "made for batch 3, used at batch 2"),
+                       (other.new_cache(2), "of length 16, the model's block_size is 32"),
+                       (model.new_cache(2, rounds=2), "of 6 schedule positions, these rounds run 8"),
+                       (model.new_cache(2, dtype=torch.bfloat16), "holds torch.bfloat16, the forward computes "
+                                                                   "torch.float32 keys")]:
+        with pytest.raises(ValueError, match=re.escape(why)):
+            model(idx, cache=cache)
+
+def test_sampler_draws_from_the_top_k_softmax():
+    # 200,000 draws of next_token at once (one row each) against the softmax of the top_k logits over
+    # temperature, written out: every frequency within 5 standard errors (about 0.005 here), none outside the top k
+    n, logits = 200_000, [1.5, -0.3, 0.0, 2.2, 0.9, -1.0, 0.4, 1.1]
+    for temperature, top_k in [(1.0, None), (0.7, 4), (2.0, 3)]:
+        torch.manual_seed(11)
+        tokens = rins.next_token(torch.tensor(logits).expand(n, -1), temperature, top_k)
+        assert tokens.shape == (n, 1)
+        kept = sorted(range(8), key=lambda i: -logits[i])[:top_k or 8]
+        weights = {i: math.exp(logits[i] / temperature) for i in kept}
+        counts = torch.bincount(tokens.flatten(), minlength=8).tolist()
+        for i in range(8):
+            p = weights.get(i, 0) / sum(weights.values())
+            assert abs(counts[i] / n - p) <= 5 * math.sqrt(p * (1 - p) / n), (temperature, top_k, i)
 
 def test_lm_head_loss_in_chunks_equals_the_plain_loss_and_gradients():
     # 3 x 10 positions in chunks of 7 (the last one short), some targets ignored (-1), against
@@ -532,6 +586,15 @@ def test_flops_per_token_by_hand():
         kept = model.transformer.applications // 2 - 2  # middle rounds that ran, 2 layers each
         assert model.flops_per_token(T) == hand(4 + 2 * kept, 1 + kept, 0)
     assert rins.peak_flops("cpu") is None
+
+def test_peak_flops_reads_the_board_from_the_device_name(monkeypatch):
+    # the names torch.cuda.get_device_name gives, against NVIDIA's dense bf16 datasheet figures
+    boards = {"NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H100 80GB HBM3": 989e12,
+              "NVIDIA H200 NVL": 835e12, "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
+              "Tesla V100-SXM2-16GB": None}
+    for name, peak in boards.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        assert rins.peak_flops("cuda") == peak, name
 
 # -----------------------------------------------------------------------------
 # a training forward: the loss falls, compiled blocks
@@ -646,7 +709,7 @@ def test_cuda_cached_generation_equals_uncached(accelerator, kw):
     # generation with the cache equals greedy generation without it, past block_size too
     model = gpu_model(accelerator, **kw).eval()
     idx = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(2)).to(accelerator)
-    cache = model.new_cache()
+    cache = model.new_cache(2)
     with torch.no_grad():
         model(idx[:, :8], cache=cache)
         for t in range(8, 40):
@@ -657,18 +720,33 @@ def test_cuda_cached_generation_equals_uncached(accelerator, kw):
     assert cached.shape == (2, 144) and torch.equal(cached, uncached)
 
 @pytest.mark.parametrize("kw", [dict(signature="AB"), dict(signature="A3B", share_kv=True)])
-def test_cuda_compiled_decode_step_equals_uncached(accelerator, kw):
-    # the decoding step as --bench and --sample compile it (inductor; CUDA graphs on CUDA), float32:
-    # greedy tokens equal the uncached forward's, and no step after the first compiles again
+def test_cuda_compiled_generate_compiles_once_keeps_cuda_graphs_and_never_syncs(accelerator, kw):
+    # the decoding step as bench.py and --sample compile it (inductor; CUDA graphs on CUDA), float32: two
+    # generate calls compile it once and their greedy tokens equal the uncached forward's; inductor skipped
+    # no CUDA graph (its counter, and cudagraph_or_error where torch has it); and on CUDA a short sampled
+    # decode runs under sync debug mode "error": no step waits for the device
     import torch._dynamo as dynamo
+    from torch._inductor import config as inductor_config
     dynamo.reset()
+    dynamo.utils.counters.clear()
     model = gpu_model(accelerator, **kw).eval()
-    prompt = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(2)).to(accelerator)
-    with torch.no_grad():
-        expected = greedy_uncached(model, prompt, 24)
-    with dynamo.config.patch(error_on_recompile=True):
-        out = model.generate(prompt, 24, temperature=0, step=rins.compile_decode_step(accelerator))
-    assert torch.equal(out, expected)
+    step = rins.compile_decode_step(accelerator)
+    prompts = [torch.randint(0, 512, (2, n), generator=torch.Generator().manual_seed(n)).to(accelerator)
+               for n in (8, 5)]
+    strict = {"triton.cudagraph_or_error": True} if hasattr(inductor_config.triton, "cudagraph_or_error") else {}
+    with dynamo.config.patch(error_on_recompile=True), inductor_config.patch(strict):
+        for prompt in prompts:
+            with torch.no_grad():
+                expected = greedy_uncached(model, prompt, 16)
+            assert torch.equal(model.generate(prompt, 16, temperature=0, step=step), expected)
+        assert dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
+        if accelerator.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                model.generate(prompts[0], 6, top_k=20, step=step)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
     dynamo.reset()
 
 # =============================================================================
@@ -952,7 +1030,8 @@ def test_sample_uses_the_checkpoint_and_the_rounds_asked_for(data_dir, tmp_path,
     (r,) = run_train(data_dir, tmp_path, "--signature", "A3B", "--budget_steps", "4")
     ckpt_path = tmp_path / r["run"]["name"] / "ckpt.pt"
     # independent: the checkpoint's weights in a fresh model, sampling (temperature 1, seed 0) written out
-    # over uncached forwards of the last block_size (8) tokens
+    # over uncached forwards of the last block_size (8) tokens: the exponential race of rins.next_token, by
+    # hand from the same draws, each token's arrival time E / p, the first to arrive drawn
     ckpt = torch.load(ckpt_path, weights_only=True)
     model = GPT(GPTConfig(**ckpt["run"]["model"]))
     model.load_state_dict(ckpt["model"])
@@ -964,7 +1043,8 @@ def test_sample_uses_the_checkpoint_and_the_rounds_asked_for(data_dir, tmp_path,
         idx = [itos.index(c) for c in "abc"]
         for _ in range(20):
             logits = model(torch.tensor([idx[-8:]]), rounds=rounds)[0][0, -1]
-            idx.append(int(torch.multinomial(F.softmax(logits, dim=-1), 1)))
+            arrival = torch.empty(len(itos)).exponential_() / F.softmax(logits, dim=-1)
+            idx.append(int(arrival.argmin()))
         return "".join(itos[i] for i in idx)
     expected = {rounds: sampled(rounds) for rounds in (1, 3)}
     assert expected[1] != expected[3]  # so the test can tell whether --rounds was used
@@ -1427,9 +1507,10 @@ def test_figures_fit_the_readme_column(data_dir, tmp_path):
 # bench.py: speed side by side (ratios, not timings, are what a test can check)
 
 def test_bench_writes_every_row_with_consistent_ratios(tmp_path):
-    out = bench.main(["--n_layer", "4", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "2",
-                      "--vocab", "37", "--repeats", "1", "--max_new_tokens", "4", "--device", "cpu",
-                      "--out_dir", str(tmp_path)])
+    tiny = ["--n_layer", "4", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "2", "--vocab",
+            "37", "--repeats", "1", "--max_new_tokens", "4", "--long_prompt", "8", "--long_new_tokens", "3",
+            "--device", "cpu", "--out_dir", str(tmp_path)]
+    out = bench.main(tiny)
     assert json.load(open(tmp_path / "bench.json")) == json.loads(json.dumps(out))  # all of it on disk
     rows = {r["variant"]: r for r in out["train"]}
     assert set(bench.BENCH_VARIANTS) <= set(rows) and {"AB, 8 layers", "AB, plain loop", "AB, whole logits"} <= set(rows)
@@ -1441,8 +1522,30 @@ def test_bench_writes_every_row_with_consistent_ratios(tmp_path):
         assert r["per_app_vs_ab"] == pytest.approx(expected)
     assert rows["A3B"]["per_app_vs_plain"] == pytest.approx(rows["A3B"]["ms_per_step"] / rows["AB, 8 layers"]["ms_per_step"])
     assert [(r["model"], r["batch"]) for r in out["decode"]] == [(m, b) for m in bench.DECODE_VARIANTS for b in (1, 64)]
+    assert [(r["prompt"], r["new_tokens"]) for r in out["decode"]] == [(16, 4), (8, 3)] * len(bench.DECODE_VARIANTS)
     for r in out["decode"]:
         assert r["cached_vs_uncached"] == pytest.approx(r["eager cached tok/s"] / r["eager uncached tok/s"])
+        # without --compile nothing compiled ran, and the row says so
+        assert r["compile_s"] is r["tokens_agree"] is r["compiled_vs_eager_cached"] is r["errors"] is None
+        assert r["cudagraph_skips"] == 0
+    # --only decode measures the decode rows again and keeps the training rows already in bench.json
+    again = bench.main(tiny + ["--only", "decode"])
+    assert again["train"] == out["train"] and json.load(open(tmp_path / "bench.json")) == json.loads(json.dumps(again))
+
+def test_bench_decode_row_records_what_ran_and_goes_on_after_an_error(monkeypatch):
+    # the "compiled" step run eager (compiling is .ci/gpu's to time) and an attention variant that fails: the row
+    # records the error and still measures every other way; the greedy tokens agree from the first to the last
+    def broken(*args):
+        raise RuntimeError("no kernel")
+    monkeypatch.setattr(rins, "compile_decode_step", lambda device, step: step)
+    monkeypatch.setattr(bench, "COMPILED_ATTENTION", {"default": rins.decode_step, "broken": broken})
+    prompt = torch.randint(0, 37, (2, 5), generator=torch.Generator().manual_seed(8))
+    row = bench.decode_row(tiny_model(signature="A3B").eval(), prompt, 6, torch.device("cpu"), compiled=True)
+    assert row["errors"] == {"compiled, broken": "RuntimeError: no kernel"}
+    assert row["attention"] == "default" and row["other attention tok/s"] is None
+    assert row["tokens_agree"] == 6 and row["compile_s"] > 0 and row["cudagraph_skips"] == 0
+    assert row["compiled_vs_eager_cached"] == pytest.approx(row["compiled cached tok/s"] / row["eager cached tok/s"])
+    assert row["compiled_vs_uncached"] == pytest.approx(row["compiled cached tok/s"] / row["eager uncached tok/s"])
 
 # =============================================================================
 # data/: prepare.py and the grammar corpus (data/grammar.py)
