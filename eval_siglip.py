@@ -35,6 +35,7 @@ that plateau after far fewer examples than batches of 256.
 import argparse
 import csv
 import gzip
+import io
 import json
 import math
 import os
@@ -441,7 +442,7 @@ def run(task, name, variant, seed, args, data, tokens, budget):
     print(f"{data['name']} {task} {name} seed {seed}: {log['steps']} steps ({log['epochs']:.2f} epochs), "
           f"{seconds:.0f} s, " + ", ".join(f"{r['metric']} {r['depth']} {r['accuracy']:.3f}" for r in rows))
     ckpt = {"spec": spec, "rows": rows, "loss_curve": curve, "model": model.state_dict(), "vocab": tokens.vocab}
-    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+    write_atomic(path, lambda f: torch.save(ckpt, f))
     return rows, curve
 
 # -----------------------------------------------------------------------------
@@ -470,12 +471,11 @@ def format_table(summary, chance):
     return "\n".join(lines)
 
 def write_csv(rows, path):
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    write_atomic(path, write)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, table.getvalue().encode())
 
 def plot(summary, chance, path):
     """Bars per variant at 1x (hatched) and full depth (solid), one panel per (task, metric); each layout in
@@ -501,7 +501,7 @@ def plot(summary, chance, path):
                         Patch(color="grey", label="full depth"), Patch(color="none", label="dotted line: chance")],
                fontsize=8, loc="lower center", ncol=3)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
     print(f"wrote {path}")
 
 def layout(variant):

@@ -586,7 +586,7 @@ def new_figure(panels, title):
 
 def save(fig, path):
     """Written atomically, as every result is: an interrupted report leaves the previous figure whole."""
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
 
 def describe(records):
     """The data and the model of a study, for a figure's title: which corpus, how deep, how wide, how big."""

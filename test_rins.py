@@ -51,6 +51,7 @@ import math
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import struct
@@ -848,6 +849,55 @@ def test_ctrl_c_stops_with_one_line_and_resume_finishes(data_dir, tmp_path, sig)
     (r,) = train.main(flags + ["--resume"])
     assert r["steps"] == 400
 
+class SignalOnWrite:
+    """The file torch.save writes to, raising `sig` as torch writes its first bytes: the signal lands inside its
+    writer, where torch turns the KeyboardInterrupt into a RuntimeError ("unexpected pos") of its own."""
+    def __init__(self, f, sig):
+        self.f, self.sig = f, sig
+
+    def write(self, data):
+        if self.sig:
+            signal.raise_signal(self.sig)
+            self.sig = None
+        return self.f.write(data)
+
+    def __getattr__(self, name):  # flush and the rest: the file's
+        return getattr(self.f, name)
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_an_interrupt_inside_a_checkpoint_write_is_an_interrupt(data_dir, tmp_path, monkeypatch, sig):
+    real_save, saves = torch.save, []
+
+    def save(obj, f):  # the real torch.save, the signal sent while it writes the second checkpoint
+        saves.append(f)
+        real_save(obj, SignalOnWrite(f, sig) if len(saves) == 2 else f)
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(SystemExit) as e:
+        run_train(data_dir, tmp_path, "--budget_steps", "12", "--eval_points", "4")  # checkpoints at 3, 6, 9, 12
+    assert str(e.value).startswith("\ninterrupted: ") and "--resume" in str(e.value), str(e.value)
+    # the write it landed in ended whole, then the interrupt stopped the run
+    assert torch.load(tmp_path / "AB_b12_s0" / "ckpt.pt", weights_only=True)["state"]["step"] == 6
+    assert not list(tmp_path.rglob("*.tmp"))
+
+# train.py run as a script that stops itself as it starts to import torch: a Ctrl-C in its first seconds
+STOPPED_AT_START = """import runpy, signal, sys
+class Stop:
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            signal.raise_signal(signal.{sig})
+sys.meta_path.insert(0, Stop())
+sys.argv = ["train.py", "--budget_steps", "12"]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"], ids=["ctrl_c", "sigterm"])
+def test_an_interrupt_during_start_up_is_one_line(tmp_path, sig):
+    p = subprocess.run([sys.executable, "-c", STOPPED_AT_START.format(sig=sig)], cwd=ROOT, env=ONE_THREAD, text=True,
+                       capture_output=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("interrupted while starting"), p.stderr
+    assert "--resume" in lines[0]
+
 def test_resume_removes_the_temporary_file_a_kill_during_a_write_left(data_dir, tmp_path, monkeypatch):
     flags = ["--budget_steps", "12", "--eval_points", "4"]  # checkpoints at steps 3, 6, 9 and 12
     (full,) = run_train(data_dir, tmp_path / "full", *flags)
@@ -879,21 +929,35 @@ def test_two_processes_cannot_train_the_same_run(data_dir, tmp_path):
     (r,) = train.main(flags + ["--resume"])  # the lock went with the process
     assert r["steps"] == 400
 
-def test_full_disk_while_checkpointing_leaves_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
-    real_save, saves = torch.save, []
+def snapshot(folder):
+    """Every file under folder and its bytes."""
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
-    def save(obj, f):  # the second checkpoint finds the disk full after writing part of it
-        saves.append(f)
-        if len(saves) == 2:
-            f.write(b"PK\x03\x04 half")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_save(obj, f)
-    monkeypatch.setattr(torch, "save", save)
-    with pytest.raises(SystemExit, match=r"could not write .*ckpt.pt \(the disk is full: No space left on device\): "
-                                         r"the previous checkpoint, if any, is intact; free some space"):
-        run_train(data_dir, tmp_path, "--budget_steps", "12", "--eval_points", "4")
-    ckpt = torch.load(tmp_path / "AB_b12_s0" / "ckpt.pt", weights_only=True)
-    assert ckpt["state"]["step"] == 3 and not list(tmp_path.rglob("*.tmp"))
+def run_under_file_size_limit(limit, script, *args):
+    """A script in a subprocess that may write no file beyond `limit` bytes, as under `ulimit -f`: a write past it
+    fails with EFBIG (SIGXFSZ ignored, as Python ignores it). Returns its stderr."""
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], env=ONE_THREAD, cwd=ROOT, text=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=limited)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    return p.stderr.strip().splitlines()[-1]
+
+def test_a_file_size_limit_is_named_and_every_good_file_kept(data_dir, tmp_path):
+    # a finished run's folder: a checkpoint of 240 kB, a figure of about 60 kB, a table and run.json of a few kB
+    run_train(data_dir, tmp_path, "--budget_steps", "12")
+    before = snapshot(tmp_path)
+    # another run's first checkpoint passes the limit (torch.save used to report it as "unexpected pos")
+    last = run_under_file_size_limit(32_000, "train.py", *TINY, "--data_dir", data_dir, "--out_dir", str(tmp_path),
+                                     "--budget_steps", "12", "--variants", "A3B")
+    assert last.startswith(f"error: could not write {tmp_path}/A3B_b12_s0/ckpt.pt (file too large for the file-size "
+                           f"limit, ulimit -f): the previous version, if any, is intact; raise the limit"), last
+    # a report: its table fits, its figure does not
+    last = run_under_file_size_limit(32_000, "report.py", str(tmp_path))
+    assert last.startswith(f"error: could not write {tmp_path}/loss_vs_cost.png (file too large"), last
+    # every good file as it was (the table rewritten the same), nothing new but the other run's lock
+    assert snapshot(tmp_path) == {**before, tmp_path / "A3B_b12_s0" / "lock": b""}
 
 def test_resume_refuses_a_dataset_prepared_again(data_dir, tmp_path):
     flags = copy_dataset(data_dir, tmp_path) + ["--budget_steps", "2", "--out_dir", str(tmp_path / "out")]

@@ -14,7 +14,6 @@ figures (python report.py DIR); bench.py measures speed.
 """
 
 import argparse
-import errno
 import fcntl
 import glob
 import json
@@ -25,17 +24,23 @@ import signal
 import time
 from dataclasses import asdict, dataclass, fields
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
+if __name__ == "__main__":  # a script: from its first line SIGTERM (torchrun, kill, job schedulers) raises what
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # Ctrl-C raises, so that both end as main says
+try:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from tqdm import tqdm
 
-import rins
-from data.prepare import codec, load_prepared, read_json, write_atomic
-from report import (BASELINE, Record, Run, TrainConfig, check_flags, int_list, outcome, print_summary, read_run,
-                    require, write_results)
-from rins import GPT, GPTConfig
+    import rins
+    from data.prepare import codec, load_prepared, read_json, write_atomic
+    from report import (BASELINE, Record, Run, TrainConfig, check_flags, int_list, outcome, print_summary, read_run,
+                        require, write_results)
+    from rins import GPT, GPTConfig
+except KeyboardInterrupt:  # while torch loads (seconds): one line, not an import's traceback
+    raise SystemExit("\ninterrupted while starting, before any run: run the same command again (with --resume if "
+                     "it continues earlier runs)")
 
 DEFAULT_VARIANTS = "AB,A3B,ABAB"
 DEFAULT_BUDGETS = "600,1200"  # two budgets: the effective-compute ratio needs the baseline at two or more
@@ -131,27 +136,25 @@ def main(argv=None):
     A bad flag, file or setting stops with one line "error: ..." (SystemExit) before any compute; Ctrl-C and
     SIGTERM stop with one line that says how to resume."""
     args = build_parser().parse_args(argv)
-    require(args.report is None, "--report moved to its own script: python report.py DIR [DIR ...]")
-    require(not args.bench, "--bench moved to its own script: python bench.py [--compile]")
-    # one run from the flags, or the listed variants
-    variants = args.variants or (DEFAULT_VARIANTS if args.compare else args.signature)
-    grid = Grid(variants=[v.strip() for v in variants.split(",")],
-                budget_steps=int_list(args.budget_steps or DEFAULT_BUDGETS, "--budget_steps"),
-                seeds=int_list(args.seeds, "--seeds"))
     # torchrun, kill and job schedulers stop a process with SIGTERM: it ends like Ctrl-C, with the resume hint
     # below instead of a traceback (the previous handler comes back, for a caller that is not a script)
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     try:
+        require(args.report is None, "--report moved to its own script: python report.py DIR [DIR ...]")
+        require(not args.bench, "--bench moved to its own script: python bench.py [--compile]")
+        # one run from the flags, or the listed variants
+        variants = args.variants or (DEFAULT_VARIANTS if args.compare else args.signature)
+        grid = Grid(variants=[v.strip() for v in variants.split(",")],
+                    budget_steps=int_list(args.budget_steps or DEFAULT_BUDGETS, "--budget_steps"),
+                    seeds=int_list(args.seeds, "--seeds"))
         return (sample if args.sample else compare)(args, grid)
-    except KeyboardInterrupt:  # checkpoints are written atomically, so the last one is whole
+    # a file is written whole or not at all, and an interrupt in the middle of a write waits for its end
+    # (data/prepare.py: write_atomic), so the last checkpoint is whole
+    except KeyboardInterrupt:
         raise SystemExit(f"\ninterrupted: finished runs and the current run's last checkpoint are in "
                          f"{args.out_dir}/; run the same command with --resume to continue")
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-def interrupt(signum, frame):
-    """SIGTERM's handler: raise what Ctrl-C raises, so that both stop the same way."""
-    raise KeyboardInterrupt
 
 # -----------------------------------------------------------------------------
 # The comparison: plan and check every run, train each to its budget, write the results
@@ -563,19 +566,7 @@ def save_checkpoint(path, run, tr):
         rng["cuda"] = torch.cuda.get_rng_state()
     ckpt = {"run": asdict(run), "model": tr.model.state_dict(), "optimizer": tr.optimizer.state_dict(),
             "state": tr.progress, "rng": rng}
-    write_atomic(path, lambda tmp: write_checkpoint(tmp, ckpt, path))  # a kill while writing: the last one is whole
-
-def write_checkpoint(tmp, ckpt, path):
-    """torch.save to a file object: given a path, torch writes with its own writer and reports a full disk as
-    an internal error ("enforce fail at inline_container.cc"); through Python's file, as OSError ENOSPC."""
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        raise SystemExit(f"error: could not write {path} (the disk is full: {e.strerror}): the previous checkpoint, "
-                         f"if any, is intact; free some space and run the same command with --resume")
+    write_atomic(path, lambda f: torch.save(ckpt, f))  # a kill while writing: the last one is whole
 
 def load_checkpoint(path, tr):
     """The run as save_checkpoint left it, into the freshly built tr: weights, optimizer, progress and every
