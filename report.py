@@ -34,7 +34,7 @@ BASELINE = "AB"  # --baseline's default: a comparison without it has a table but
 
 # How a report flows through this file, top to bottom:
 #   main            reads the folders and what selects runs in them
-#   read_runs       each finished run's run.json as a Record (its settings parsed into a Run)
+#   read_runs       each finished run's run.json as a Record (its settings parsed into a Run), checked whole
 #   result_rows     one row per run x rounds: loss, tokens, the effective-compute ratio (effective_compute)
 #   print_summary   the table over seeds, the law across budgets, the per-token gain of recursion
 #   write_results   results.csv, budget_fits.json and the folder's figure (plot_report)
@@ -108,6 +108,7 @@ def select_runs(records, select, named, folder):
     """The runs --variants, --budget_steps and --seeds select, in the order of --variants. The baseline stays
     at every budget (of the selected seeds): the effective-compute ratios read its whole curve. A baseline
     named by --baseline must have runs here; the default may be missing (a learning-rate grid has none)."""
+    require(records, f"no finished runs (<run>/run.json) in {folder}")
     variant, budget, seed = (lambda r: r.run.variant, lambda r: r.run.train.budget_steps,
                              lambda r: r.run.train.seed)
     names = sorted(set(map(variant, records)))
@@ -119,45 +120,55 @@ def select_runs(records, select, named, folder):
     require(not missing, f"no finished runs of {', '.join(missing)} in {folder}")
     require(named in names + [None], f"--baseline {named}: {folder} has no runs of it (its variants: "
             f"{', '.join(names)})")
-    check_settings(records, folder)  # the whole folder: what is missing is said first, then what conflicts
+    check_settings([r.run for r in records], folder)  # the whole folder: what is missing first, then what conflicts
     baseline = named or BASELINE
     records = [r for r in records if seed(r) in seeds
                and (variant(r) == baseline or (variant(r) in variants and budget(r) in budgets))]
     keep = variants if baseline in variants else variants + [baseline]
     return sorted(records, key=lambda r: (keep.index(variant(r)), budget(r), seed(r)))
 
-# what report reads of a run.json besides its Run (flops: only since FLOPs became the unit)
+# what report reads of a run.json besides its Run (flops: only since FLOPs became the unit), and of each of its evals
 RECORD_KEYS = {"run", "trained_rounds", "steps", "tokens", "epochs", "tokens_per_param", "cost", "target", "wall_s",
                "mfu", "n_params", "floor", "evals"}
+EVAL_KEYS = {"rounds", "eval_applications", "val_loss"}
 
 def read_runs(folder):
-    """The records of a folder's finished runs; a run.json some other program wrote stops here, named."""
-    records = []
-    for path in sorted(glob.glob(os.path.join(folder, "*", "run.json"))):
-        record = read_json(path)
-        try:
-            record = Record(record)
-            ok = RECORD_KEYS <= set(record)
-        except (TypeError, KeyError, ValueError):  # not a dict, a key missing, a setting GPTConfig refuses
-            ok = False
-        require(ok, f"{path} is not a train.py run record: delete it, or report another folder")
-        records.append(record)
-    require(records, f"no finished runs (<run>/run.json) in {folder}")
-    return records
+    """The records of a folder's finished runs (<run>/run.json), each checked whole (read_record)."""
+    # escaped: the folder is a name, not a pattern (runs[1] is a folder, not runs1)
+    return [read_record(path) for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*", "run.json")))]
 
-def check_settings(records, folder):
+def read_record(path):
+    """A run.json as a Record, checked before any compute: an object with every key the report reads, its settings a
+    Run, a loss at each depth it was scored at, one of them as trained. A damaged one stops with one line that says
+    what is true: --resume rebuilds it from the run's last checkpoint, where there is one."""
+    ckpt = os.path.join(os.path.dirname(path), "ckpt.pt")
+    fix = (f"delete it, and train.py --resume rebuilds it from {ckpt}" if os.path.isfile(ckpt) else
+           "delete its run folder (train.py --resume then trains the run again), or move it away")
+    saved = read_json(path, fix)
+    require(isinstance(saved, dict), f"{path} holds {json.dumps(saved)[:20]}, not a train.py run record: {fix}")
+    missing = sorted(RECORD_KEYS - set(saved))
+    require(not missing, f"{path} is not a train.py run record (no {', '.join(missing)}): {fix}")
+    try:
+        record = Record(saved)
+        ok = all(EVAL_KEYS <= set(e) for e in record["evals"]) and any(
+            e["rounds"] == record["trained_rounds"] for e in record["evals"])
+    except (TypeError, KeyError, ValueError, AttributeError):  # settings that are no Run, evals no list of objects
+        ok = False
+    require(ok, f"{path} is not a train.py run record (its settings or evals are damaged): {fix}")
+    return record
+
+def check_settings(runs, folder, fix="report them apart"):
     """A variant's runs are averaged over seeds and read across budgets: they may differ in nothing else. Read
     as Runs, so that a setting an older run did not record counts as its default. And one budget unit per folder:
     a ratio reads a variant's cost on the baseline's curve, and costs in two units are not comparable."""
-    runs = [r.run for r in records]
     units = sorted({run.train.budget_unit for run in runs})
     require(len(units) == 1, f"{folder} mixes budgets in {' and '.join(units)}, whose costs do not compare: "
-            f"report them apart (one folder per --budget_unit)")
+            f"{fix} (one folder per --budget_unit)")
     settings = {}
     for run in runs:
         s = [asdict(run.model), asdict(replace(run.train, seed=0, budget_steps=0, budget=0, warmup_steps=0))]
         require(settings.setdefault(run.variant, s) == s,
-                f"{folder} holds runs of {run.variant} with other settings: report them apart")
+                f"{folder} holds runs of {run.variant} with other settings: {fix}")
 
 def report_folders(args, select):
     """Several folders: their runs at one budget varying a setting are one grid (e.g. the warm-up folders);
@@ -167,7 +178,8 @@ def report_folders(args, select):
             "select runs of one folder: a report of several folders draws every run")
     studies = {folder: read_runs(folder) for folder in args.folders}
     for folder, runs in studies.items():
-        check_settings(runs, folder)
+        require(runs, f"no finished runs (<run>/run.json) in {folder}")
+        check_settings([r.run for r in runs], folder)
     records = [r for runs in studies.values() for r in runs]
     if grid_key(records):
         plot_grid(records, grid_key(records), args.plot)

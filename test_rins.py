@@ -45,6 +45,7 @@ import errno
 import functools
 import glob
 import gzip
+import io
 import itertools
 import json
 import math
@@ -1058,10 +1059,10 @@ def copy_dataset(data_dir, tmp_path, **replace):
         (folder / name).write_bytes(replace.get(name.replace(".", "_"), open(f"{data_dir}/syn/{name}", "rb").read()))
     return ["--data_dir", str(tmp_path / "data")]
 
-def broken_run(tmp_path, name, content):
-    """tmp_path/out/AB_b12_s0/<name> holding content (bytes), as a damaged earlier run leaves it."""
-    (tmp_path / "out" / "AB_b12_s0").mkdir(parents=True)
-    (tmp_path / "out" / "AB_b12_s0" / name).write_bytes(content)
+def broken_run(tmp_path, name, content, run="AB_b12_s0"):
+    """tmp_path/out/<run>/<name> holding content (bytes), as a damaged earlier run leaves it; a folder if None."""
+    (tmp_path / "out" / run).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "out" / run / name).mkdir() if content is None else (tmp_path / "out" / run / name).write_bytes(content)
     return ["--resume"]
 
 @functools.cache
@@ -1076,6 +1077,20 @@ def report_folder(tmp_path, data_dir, run_json=None):
     (tmp_path / "runs" / "AB_b12_s0").mkdir(parents=True, exist_ok=True)
     (tmp_path / "runs" / "AB_b12_s0" / "run.json").write_text(run_json or finished_run(data_dir))
     return str(tmp_path / "runs")
+
+def record_without(data_dir, key):
+    """The finished run's run.json without one of its keys, as bytes."""
+    record = json.loads(finished_run(data_dir))
+    del record[key]
+    return json.dumps(record).encode()
+
+def checkpoint_without(data_dir, part):
+    """A checkpoint of the finished run's settings with every part save_checkpoint writes but `part`, as bytes."""
+    ckpt = {"run": json.loads(finished_run(data_dir))["run"], "model": {}, "optimizer": {}, "state": {}, "rng": {}}
+    del ckpt[part]
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    return buffer.getvalue()
 
 def some_file(tmp_path, content):
     (tmp_path / "file").write_bytes(content)
@@ -1126,6 +1141,23 @@ BAD_TRAIN_INPUTS = {
     "resume over a damaged run.json": (lambda tmp, d: broken_run(tmp, "run.json", b'{"run": '), "is not readable JSON"),
     "resume over a truncated ckpt.pt": (lambda tmp, d: broken_run(tmp, "ckpt.pt", b"PK\x03\x04"),
                                         "ckpt.pt is not a train.py checkpoint"),
+    # ... whole files of the wrong shape: each used to end in a traceback, some only after the others had trained
+    "resume over a run.json of null": (lambda tmp, d: broken_run(tmp, "run.json", b"null"),
+                                       "run.json holds null, not a train.py run record: delete its run folder"),
+    "resume over a run.json of []": (lambda tmp, d: broken_run(tmp, "run.json", b"[]"), "holds [], not a train.py"),
+    "resume over a run.json of {}": (lambda tmp, d: broken_run(tmp, "run.json", b"{}"),
+                                     "run.json is not a train.py run record (no cost, epochs, evals,"),
+    "resume over a run.json without evals": (lambda tmp, d: broken_run(tmp, "run.json", record_without(d, "evals")),
+                                             "run.json is not a train.py run record (no evals)"),
+    "resume over a ckpt.pt without rng": (lambda tmp, d: broken_run(tmp, "ckpt.pt", checkpoint_without(d, "rng")),
+                                          "ckpt.pt is not a train.py checkpoint (no 'rng')"),
+    "resume over a ckpt.pt without state": (lambda tmp, d: broken_run(tmp, "ckpt.pt", checkpoint_without(d, "state")),
+                                            "ckpt.pt is not a train.py checkpoint (no 'state')"),
+    # a folder where a file belongs
+    "a folder named lock": (lambda tmp, d: broken_run(tmp, "lock", None), "AB_b12_s0/lock is a folder where a file"),
+    "a folder named run.json": (lambda tmp, d: broken_run(tmp, "run.json", None), "run.json is a folder where a file"),
+    "a folder named ckpt.pt.1.tmp": (lambda tmp, d: broken_run(tmp, "ckpt.pt.1.tmp", None),
+                                     "AB_b12_s0/ckpt.pt.1.tmp is a folder where a file belongs: move it away"),
     # --sample
     "sample a folder": (lambda tmp, d: ["--sample", "--ckpt", str(tmp)], "is not a train.py checkpoint"),
     "sample an empty file": (lambda tmp, d: ["--sample", "--ckpt", some_file(tmp, b"")], "is not a train.py checkpoint"),
@@ -1161,6 +1193,8 @@ BAD_LAB_INPUTS = {
     "report over a damaged run.json": (report, lambda tmp, d: damaged_folder(tmp, b"["), "is not readable JSON"),
     "report over another program's run.json": (report, lambda tmp, d: [report_folder(tmp, d, '{"a": 1}')],
                                                 "run.json is not a train.py run record"),
+    "report over a run.json without evals": (report, lambda tmp, d: damaged_folder(tmp, record_without(d, "evals")),
+                                             "run.json is not a train.py run record (no evals): delete its run folder"),
     "report a seed it lacks": (report, lambda tmp, d: [report_folder(tmp, d), "--seeds", "5"],
                                "no finished runs of seed 5 in"),
     "report against a baseline it lacks": (report, lambda tmp, d: [report_folder(tmp, d), "--baseline", "ZZ"],
@@ -1221,6 +1255,17 @@ def test_prepare_bad_input_is_one_clear_line(tmp_path, files, flags, message):
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1 and message in lines[0], p.stderr
     assert sorted(os.listdir(tmp_path)) == sorted(files)  # nothing written, here or in data/
+
+def test_a_damaged_run_json_is_rebuilt_from_the_checkpoint_as_its_message_says(data_dir, tmp_path):
+    run_train(data_dir, tmp_path, "--budget_steps", "12")
+    path = tmp_path / "AB_b12_s0" / "run.json"
+    whole = path.read_text()
+    path.write_text(whole[:len(whole) // 2])  # truncated, as a copy cut short leaves it
+    with pytest.raises(SystemExit, match=f"delete it, and train.py --resume rebuilds it from {tmp_path}/AB_b12_s0/ckpt.pt"):
+        run_train(data_dir, tmp_path, "--budget_steps", "12", "--resume")
+    path.unlink()
+    run_train(data_dir, tmp_path, "--budget_steps", "12", "--resume")
+    assert json.loads(path.read_text()) == json.loads(whole)  # what it says is true: the same record again
 
 def test_existing_run_needs_resume_and_the_same_configuration(data_dir, tmp_path):
     run_train(data_dir, tmp_path, "--budget_steps", "2", "--learning_rate", "0.003")

