@@ -13,7 +13,9 @@ takes its colours from layout_style. The README's Definitions say what each numb
 """
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import glob
 import io
 import json
@@ -37,7 +39,7 @@ BASELINE = "AB"  # --baseline's default: a comparison without it has a table but
 #   read_runs       each finished run's run.json as a Record (its settings parsed into a Run), checked whole
 #   result_rows     one row per run x rounds: loss, tokens, the effective-compute ratio (effective_compute)
 #   print_summary   the table over seeds, the law across budgets, the per-token gain of recursion
-#   write_results   results.csv, budget_fits.json and the folder's figure (plot_report)
+#   write_results   results.csv, budget_fits.json and the folder's figure (plot_report), from every run in it
 
 def main(argv=None):
     """The command line: one folder (its table, files and figure) or several (the headline figure)."""
@@ -90,16 +92,15 @@ def report(args, select):
     Several folders: the headline figure, one panel of effective-compute ratios per study (or their grid)."""
     if len(args.folders) > 1:
         return report_folders(args, select)
-    folder = args.folders[0]
-    records = select_runs(read_runs(folder), select, args.baseline, folder)
-    baseline = args.baseline or BASELINE
+    folder, baseline = args.folders[0], args.baseline or BASELINE
     subset = select.variants or select.budget_steps or select.seeds
     plot = args.plot or os.path.join(folder, "report.png" if subset else "loss_vs_cost.png")
-    if subset:
+    if subset:  # a selection's figure; the folder's files keep every run
+        records = select_runs(read_runs(folder), select, args.baseline, folder)
         fits = budget_fits(records)
         plot_report(records, result_rows(records, baseline), baseline, plot)
     else:
-        fits = write_results(folder, records, plot, baseline)
+        records, fits = write_results(folder, plot, args.baseline)
     print_summary(records, fits, baseline)
     print(f"plot: {plot}")
     return records
@@ -505,21 +506,40 @@ def ab_tokens_per_param(rows, baseline, budget_steps):
     row = next(row for row in rows if row["variant"] == baseline)
     return budget_steps * row["tokens"] / row["steps"] / row["n_params"]
 
-def write_results(out_dir, records, plot_path, baseline):
-    """results.csv (one row per run x depth), budget_fits.json (where a law was fitted) and the plot; returns
-    the fits."""
-    rows, fits, table = result_rows(records, baseline), budget_fits(records), io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(os.path.join(out_dir, "results.csv"), table.getvalue().encode())
-    fits_path = os.path.join(out_dir, "budget_fits.json")
-    if fits:
-        write_atomic(fits_path, json.dumps(fits, indent=1).encode())
-    elif os.path.exists(fits_path):  # an earlier, larger set of runs had one: it no longer describes these
-        os.remove(fits_path)
-    plot_report(records, rows, baseline, plot_path or os.path.join(out_dir, "loss_vs_cost.png"))
-    return fits
+def write_results(folder, plot_path, named_baseline):
+    """results.csv (one row per run x depth), budget_fits.json (where a law was fitted) and the plot, rebuilt from
+    every finished run in the folder; returns its records (ordered by select_runs) and the fits.
+
+    Under the folder's lock (folder_lock): a process writes its run's record before it rebuilds these files, and
+    reads the records once it holds the lock, so whoever writes them last has read every finished run, however
+    processes training into one folder and reports overlap."""
+    require(os.path.isdir(folder), f"{folder} is not a folder of runs (<run>/run.json)")
+    with folder_lock(folder):
+        records = select_runs(read_runs(folder), Selection([], [], []), named_baseline, folder)
+        baseline = named_baseline or BASELINE
+        rows, fits, table = result_rows(records, baseline), budget_fits(records), io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(os.path.join(folder, "results.csv"), table.getvalue().encode())
+        fits_path = os.path.join(folder, "budget_fits.json")
+        if fits:
+            write_atomic(fits_path, json.dumps(fits, indent=1).encode())
+        elif os.path.exists(fits_path):  # an earlier, larger set of runs had one: it no longer describes these
+            os.remove(fits_path)
+        plot_report(records, rows, baseline, plot_path or os.path.join(folder, "loss_vs_cost.png"))
+    return records, fits
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Hold the lock of a folder's own files (results.csv, budget_fits.json, the plot) for the block: flock on the
+    folder itself, so that no lock file is left among the results. The OS releases it when its process ends."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits for another writer: rebuilding the files takes a second or two
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
 
 # -----------------------------------------------------------------------------
 # Figures: each answers one question. A layout (signature and stochastic rounds) has one colour and marker,

@@ -913,6 +913,7 @@ def test_resume_removes_the_temporary_file_a_kill_during_a_write_left(data_dir, 
     monkeypatch.undo()
     run_dir = tmp_path / "out" / "AB_b12_s0"
     (run_dir / "ckpt.pt.4242.tmp").write_bytes(b"")  # what kill -9 leaves when it strikes as the next one opens
+    (tmp_path / "out" / "loss_vs_cost.png.4242.tmp").write_bytes(b"")  # and in the middle of the folder's figure
     (r,) = run_train(data_dir, tmp_path / "out", *flags, "--resume")
     assert not list(tmp_path.rglob("*.tmp"))
     assert r["train_log"] == full["train_log"] and r["curve"] == full["curve"]  # continued from step 3, exactly
@@ -959,6 +960,18 @@ def test_a_file_size_limit_is_named_and_every_good_file_kept(data_dir, tmp_path)
     assert last.startswith(f"error: could not write {tmp_path}/loss_vs_cost.png (file too large"), last
     # every good file as it was (the table rewritten the same), nothing new but the other run's lock
     assert snapshot(tmp_path) == {**before, tmp_path / "A3B_b12_s0" / "lock": b""}
+
+def test_two_processes_in_one_folder_leave_a_table_of_every_run(data_dir, tmp_path):
+    flags = TINY + ["--data_dir", data_dir, "--eval_points", "50", "--out_dir", str(tmp_path)]
+    proc = start_and_wait_for_checkpoint(flags + ["--budget_steps", "400"], tmp_path / "AB_b400_s0" / "ckpt.pt")
+    proc.send_signal(signal.SIGSTOP)  # paused: the run below ends first, this one writes the folder's files last
+    try:
+        run_train(data_dir, tmp_path, "--budget_steps", "12", "--eval_points", "50")
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert proc.wait() == 0, proc.stderr.read()[-2000:]
+    with open(tmp_path / "results.csv") as f:
+        assert [row["run"] for row in csv.DictReader(f)] == ["AB_b12_s0", "AB_b400_s0"]
 
 def test_resume_refuses_a_dataset_prepared_again(data_dir, tmp_path):
     flags = copy_dataset(data_dir, tmp_path) + ["--budget_steps", "2", "--out_dir", str(tmp_path / "out")]
@@ -1149,6 +1162,8 @@ BAD_TRAIN_INPUTS = {
                                      "run.json is not a train.py run record (no cost, epochs, evals,"),
     "resume over a run.json without evals": (lambda tmp, d: broken_run(tmp, "run.json", record_without(d, "evals")),
                                              "run.json is not a train.py run record (no evals)"),
+    "another run's damaged run.json in the folder": (lambda tmp, d: broken_run(tmp, "run.json", b"{}", "ZZ_b1_s0"),
+                                                     "ZZ_b1_s0/run.json is not a train.py run record"),
     "resume over a ckpt.pt without rng": (lambda tmp, d: broken_run(tmp, "ckpt.pt", checkpoint_without(d, "rng")),
                                           "ckpt.pt is not a train.py checkpoint (no 'rng')"),
     "resume over a ckpt.pt without state": (lambda tmp, d: broken_run(tmp, "ckpt.pt", checkpoint_without(d, "state")),
@@ -1158,6 +1173,8 @@ BAD_TRAIN_INPUTS = {
     "a folder named run.json": (lambda tmp, d: broken_run(tmp, "run.json", None), "run.json is a folder where a file"),
     "a folder named ckpt.pt.1.tmp": (lambda tmp, d: broken_run(tmp, "ckpt.pt.1.tmp", None),
                                      "AB_b12_s0/ckpt.pt.1.tmp is a folder where a file belongs: move it away"),
+    "a folder named results.csv": (lambda tmp, d: broken_run(tmp, "results.csv", None, "."),
+                                   "out/results.csv is a folder where a file belongs"),
     # --sample
     "sample a folder": (lambda tmp, d: ["--sample", "--ckpt", str(tmp)], "is not a train.py checkpoint"),
     "sample an empty file": (lambda tmp, d: ["--sample", "--ckpt", some_file(tmp, b"")], "is not a train.py checkpoint"),
@@ -1267,6 +1284,14 @@ def test_a_damaged_run_json_is_rebuilt_from_the_checkpoint_as_its_message_says(d
     run_train(data_dir, tmp_path, "--budget_steps", "12", "--resume")
     assert json.loads(path.read_text()) == json.loads(whole)  # what it says is true: the same record again
 
+def test_folder_names_are_names_not_patterns(data_dir, tmp_path):
+    out = tmp_path / "runs[1] \u00e9"  # glob would read [1] as a pattern, matching "runs1 é"
+    run_train(data_dir, out, "--budget_steps", "12")
+    (out / "loss_vs_cost.png.4242.tmp").write_bytes(b"")  # a kill -9 in the middle of the figure
+    run_train(data_dir, out, "--budget_steps", "12", "--resume")
+    assert not list(out.rglob("*.tmp"))
+    assert [r["run"]["name"] for r in report.main([str(out)])] == ["AB_b12_s0"]
+
 def test_existing_run_needs_resume_and_the_same_configuration(data_dir, tmp_path):
     run_train(data_dir, tmp_path, "--budget_steps", "2", "--learning_rate", "0.003")
     with pytest.raises(SystemExit, match="pass --resume"):
@@ -1341,11 +1366,11 @@ def test_report_joins_runs_of_several_invocations_and_filters(data_dir, tmp_path
     run_train(data_dir, tmp_path, "--variants", "AB", "--seeds", "0,1", "--budget_steps", "8")
     ab_rows = open(tmp_path / "results.csv").read().splitlines()
     run_train(data_dir, tmp_path, "--variants", "A2B", "--budget_steps", "8")
-    a2b_rows = open(tmp_path / "results.csv").read().splitlines()
-    assert len(ab_rows) == 1 + 2 and len(a2b_rows) == 1 + 3  # each invocation wrote only its own runs
+    rows = open(tmp_path / "results.csv").read().splitlines()
+    assert len(ab_rows) == 1 + 2 and rows[4:] == ab_rows[1:]  # the folder's table: A2B's 3 depths, then AB's runs
 
     records = report.main([str(tmp_path)])  # every variant, in alphabetical order
-    assert open(tmp_path / "results.csv").read().splitlines() == a2b_rows + ab_rows[1:]
+    assert open(tmp_path / "results.csv").read().splitlines() == rows
     assert [r["run"]["name"] for r in records] == ["A2B_b8_s0", "AB_b8_s0", "AB_b8_s1"]
 
     capsys.readouterr()
@@ -1369,8 +1394,12 @@ def test_report_joins_runs_of_several_invocations_and_filters(data_dir, tmp_path
     assert all(row["effective_compute"] is not None for row in full)
     for other in (["--warmup_frac", "0.5"], ["--weight_decay", "0"]):  # warm-up: its rule, not its steps
         shutil.rmtree(tmp_path / "AB_b12_s0", ignore_errors=True)
-        run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "12", *other)
-        with pytest.raises(SystemExit, match="holds runs of AB with other settings"):
+        with pytest.raises(SystemExit, match="holds runs of AB with other settings: use another --out_dir"):
+            run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "12", *other)  # before any compute
+        apart = tmp_path / "apart" / other[0][2:]  # trained in a folder of its own, then put beside the others
+        run_train(data_dir, apart, "--variants", "AB", "--budget_steps", "12", *other)
+        shutil.copytree(apart / "AB_b12_s0", tmp_path / "AB_b12_s0")
+        with pytest.raises(SystemExit, match="holds runs of AB with other settings: report them apart"):
             report.main([str(tmp_path)])
     with pytest.raises(SystemExit, match="no finished runs of budget 9 in"):
         report.main([str(tmp_path), "--budget_steps", "8,9"])
@@ -1465,7 +1494,11 @@ def test_per_token_gain_is_the_baseline_at_half_the_budget_minus_a_twice_as_cost
 def test_report_refuses_a_folder_of_two_budget_units(data_dir, tmp_path):
     # AB in applications, A3B in FLOPs: a ratio would read A3B's FLOPs on AB's curve of applications
     run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "8,16", "--budget_unit", "applications")
-    run_train(data_dir, tmp_path, "--variants", "A3B", "--budget_steps", "8", "--budget_unit", "flops")
+    flops = ["--variants", "A3B", "--budget_steps", "8", "--budget_unit", "flops"]
+    with pytest.raises(SystemExit, match=r"mixes budgets in applications and flops, .*: use another --out_dir"):
+        run_train(data_dir, tmp_path, *flops)  # train.py refuses before any compute
+    run_train(data_dir, tmp_path / "flops", *flops)
+    shutil.copytree(tmp_path / "flops" / "A3B_b8_s0", tmp_path / "A3B_b8_s0")
     for folders in ([str(tmp_path)], [str(tmp_path), str(tmp_path)]):
         with pytest.raises(SystemExit, match=r"^error: .* mixes budgets in applications and flops, .*: report them"):
             report.main([*folders, "--plot", str(tmp_path / "x.png")])

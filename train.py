@@ -35,8 +35,8 @@ try:
     import rins
     from data.prepare import (codec, load_prepared, read_json, remove_temporaries, require_file, temporaries,
                               write_atomic)
-    from report import (BASELINE, Record, Run, TrainConfig, check_flags, int_list, outcome, print_summary, read_record,
-                        read_run, require, write_results)
+    from report import (BASELINE, Record, Run, TrainConfig, check_flags, check_settings, folder_lock, int_list, outcome,
+                        print_summary, read_record, read_run, read_runs, require, write_results)
     from rins import GPT, GPTConfig
 except KeyboardInterrupt:  # while torch loads (seconds): one line, not an import's traceback
     raise SystemExit("\ninterrupted while starting, before any run: run the same command again (with --resume if "
@@ -209,10 +209,11 @@ def compare(args, grid):
         else:
             record = Record(saved)
         records.append(record)
-    if setup.rank == 0:
+    if setup.rank == 0:  # the folder's files and table, rebuilt from every finished run in it: others may share it
         baseline = args.baseline or BASELINE
-        print_summary(records, write_results(args.out_dir, records, None, baseline), baseline)
-        print(f"{outcome(records, baseline)}\nresults: {args.out_dir}/results.csv, plot: "
+        finished, fits = write_results(args.out_dir, None, args.baseline)
+        print_summary(finished, fits, baseline)
+        print(f"{outcome(finished, baseline)}\nresults: {args.out_dir}/results.csv, plot: "
               f"{args.out_dir}/loss_vs_cost.png\nwhat the repository's studies found: RESULTS.md")
     if ddp:
         dist.destroy_process_group()
@@ -240,6 +241,7 @@ def plan_runs(args, grid, meta, n_train, n_val, world_size):
         require(min(n_train, n_val) > run.model.block_size, f"{run.name}: block_size {run.model.block_size} "
                 f"needs more tokens than the data has (train {n_train}, val {n_val})")
         check_earlier_run(run, os.path.join(args.out_dir, run.name), args.resume)
+    check_folder(args.out_dir, [run for run, _ in runs])
     lock_runs([run for run, _ in runs], args.out_dir)
     return runs
 
@@ -280,6 +282,18 @@ def lock_runs(runs, out_dir):
         require(False, f"{LOCKS[-1].name} is held by another process: wait for it or use another --out_dir")
     except OSError as e:
         require(False, f"--out_dir {out_dir}: {e.strerror}: choose another folder")
+
+def check_folder(out_dir, runs):
+    """The folder's own files, before any compute: the comparison ends by rebuilding them from every finished run in
+    out_dir (report.write_results), so each must be whole and comparable with these runs; and what a kill -9 in the
+    middle of writing them left goes, as the run folders' temporaries do (lock_runs)."""
+    if not os.path.isdir(out_dir):
+        return
+    for name in ("results.csv", "budget_fits.json", "loss_vs_cost.png"):
+        require_file(os.path.join(out_dir, name))
+    check_settings([r.run for r in read_runs(out_dir)] + runs, out_dir, "use another --out_dir")
+    with folder_lock(out_dir):  # held by whoever writes them, so a temporary there is no write in progress
+        remove_temporaries(out_dir)
 
 def make_run(args, spec, budget_steps, seed, meta, world_size):
     """A variant's settings over the flags' values; a bad signature or setting stops here."""
