@@ -1098,9 +1098,10 @@ def record_without(data_dir, key):
     return json.dumps(record).encode()
 
 def checkpoint_without(data_dir, part):
-    """A checkpoint of the finished run's settings with every part save_checkpoint writes but `part`, as bytes."""
+    """A checkpoint of the finished run's settings with every part save_checkpoint writes but `part` (None: all of
+    them), each empty, as bytes."""
     ckpt = {"run": json.loads(finished_run(data_dir))["run"], "model": {}, "optimizer": {}, "state": {}, "rng": {}}
-    del ckpt[part]
+    ckpt.pop(part, None)
     buffer = io.BytesIO()
     torch.save(ckpt, buffer)
     return buffer.getvalue()
@@ -1168,6 +1169,8 @@ BAD_TRAIN_INPUTS = {
                                           "ckpt.pt is not a train.py checkpoint (no 'rng')"),
     "resume over a ckpt.pt without state": (lambda tmp, d: broken_run(tmp, "ckpt.pt", checkpoint_without(d, "state")),
                                             "ckpt.pt is not a train.py checkpoint (no 'state')"),
+    "resume over a ckpt.pt of no weights": (lambda tmp, d: broken_run(tmp, "ckpt.pt", checkpoint_without(d, None)),
+                                            "ckpt.pt is not a train.py checkpoint (its state, rng or weights are"),
     # a folder where a file belongs
     "a folder named lock": (lambda tmp, d: broken_run(tmp, "lock", None), "AB_b12_s0/lock is a folder where a file"),
     "a folder named run.json": (lambda tmp, d: broken_run(tmp, "run.json", None), "run.json is a folder where a file"),

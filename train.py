@@ -39,7 +39,7 @@ try:
                         print_summary, read_record, read_run, read_runs, require, write_results)
     from rins import GPT, GPTConfig
 except KeyboardInterrupt:  # while torch loads (seconds): one line, not an import's traceback
-    raise SystemExit("\ninterrupted while starting, before any run: run the same command again (with --resume if "
+    raise SystemExit("interrupted while starting, before any run: run the same command again (with --resume if "
                      "it continues earlier runs)")
 
 DEFAULT_VARIANTS = "AB,A3B,ABAB"
@@ -362,17 +362,20 @@ def step_cost(config, unit, tokens_per_step):
 
 def read_checkpoint(path):
     """A checkpoint's content, loaded on the CPU with weights_only=True (torch.load would otherwise run whatever
-    code a file it is given contains) and checked whole before any compute: every part save_checkpoint writes."""
+    code a file it is given contains) and checked whole before any compute: every part save_checkpoint writes, and
+    weights of the shapes of its run's model (built on the meta device: no memory, no compute)."""
     fix = "point to a run's ckpt.pt, or delete it to train that run again"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         parts = {part: set(ckpt[part]) for part in ("run", "model", "optimizer", "state", "rng")}
-        read_run(ckpt["run"])
+        with torch.device("meta"):
+            expected = {k: v.shape for k, v in GPT(read_run(ckpt["run"]).model).state_dict().items()}
+        shapes = {k: v.shape for k, v in ckpt["model"].items()}
     except Exception as e:  # a folder, an empty, truncated or foreign file, a part missing: each fails its own way
         raise SystemExit(f"error: {path} is not a train.py checkpoint "
                          f"({f'no {e}' if isinstance(e, KeyError) else type(e).__name__}): {fix}")
-    require(parts["state"] >= set(new_progress()) and parts["rng"] >= {"torch", "data", "skip"},
-            f"{path} is not a train.py checkpoint (its state or rng is incomplete): {fix}")
+    require(parts["state"] >= set(new_progress()) and parts["rng"] >= {"torch", "data", "skip"} and shapes == expected,
+            f"{path} is not a train.py checkpoint (its state, rng or weights are incomplete): {fix}")
     return ckpt
 
 def check_device(name):
