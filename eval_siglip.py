@@ -35,6 +35,7 @@ that plateau after far fewer examples than batches of 256.
 import argparse
 import csv
 import gzip
+import io
 import json
 import math
 import os
@@ -441,7 +442,7 @@ def run(task, name, variant, seed, args, data, tokens, budget):
     print(f"{data['name']} {task} {name} seed {seed}: {log['steps']} steps ({log['epochs']:.2f} epochs), "
           f"{seconds:.0f} s, " + ", ".join(f"{r['metric']} {r['depth']} {r['accuracy']:.3f}" for r in rows))
     ckpt = {"spec": spec, "rows": rows, "loss_curve": curve, "model": model.state_dict(), "vocab": tokens.vocab}
-    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+    write_atomic(path, lambda f: torch.save(ckpt, f))
     return rows, curve
 
 # -----------------------------------------------------------------------------
@@ -470,12 +471,11 @@ def format_table(summary, chance):
     return "\n".join(lines)
 
 def write_csv(rows, path):
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    write_atomic(path, write)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, table.getvalue().encode())
 
 # what each panel measures, in words: (task, metric) -> title
 PANEL_TITLES = {("siglip", "zs_test"): "zero-shot, test images", ("control", "acc_test"): "vision-only classifier",
@@ -512,7 +512,7 @@ def plot(summary, chance, n_layer, path):
     fig.legend(handles=[Patch(color="grey", alpha=0.45, hatch="//", label="1x (rounds 1)"),
                         Patch(color="grey", label="full depth"), Patch(color="none", label="dotted: chance")],
                loc="outside lower center", ncol=3)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
     print(f"wrote {path}")
 
 def layout(variant):

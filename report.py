@@ -13,7 +13,9 @@ takes its colours from layout_style. The README's Definitions say what each numb
 """
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import glob
 import io
 import json
@@ -34,10 +36,10 @@ BASELINE = "AB"  # --baseline's default: a comparison without it has a table but
 
 # How a report flows through this file, top to bottom:
 #   main            reads the folders and what selects runs in them
-#   read_runs       each finished run's run.json as a Record (its settings parsed into a Run)
+#   read_runs       each finished run's run.json as a Record (its settings parsed into a Run), checked whole
 #   result_rows     one row per run x rounds: loss, tokens, the effective-compute ratio (effective_compute)
 #   print_summary   the table over seeds, the law across budgets, the per-token gain of recursion
-#   write_results   results.csv, budget_fits.json and the folder's figure (plot_report)
+#   write_results   results.csv, budget_fits.json and the folder's figure (plot_report), from every run in it
 
 def main(argv=None):
     """The command line: one folder (its table, files and figure) or several (the headline figure)."""
@@ -100,21 +102,21 @@ def report(args, select):
     folder, baseline = args.folders[0], args.baseline or BASELINE
     require(args.figure != "depth", "--figure depth draws several folders, one line each: name them")
     require(args.plot or args.figure != "multiplier", "--figure multiplier needs --plot (where the figure goes)")
-    records = read_runs(folder)
-    if args.baseline_dir:
-        records = borrowed_baseline(args.baseline_dir, baseline, records, folder) + records
-    twins = borrowed_baseline(args.twins, baseline, records, folder, same=True) if args.twins else []
-    records = select_runs(records, select, args.baseline, folder)
+    own = read_runs(folder)
+    require(own, f"no finished runs (<run>/run.json) in {folder}")
+    borrowed = borrowed_baseline(args.baseline_dir, baseline, own, folder) if args.baseline_dir else []
+    twins = borrowed_baseline(args.twins, baseline, own, folder, same=True) if args.twins else []
     subset = select.variants or select.budget_steps or select.seeds
     plot = args.plot or os.path.join(folder, "report.png" if subset else "loss_vs_cost.png")
-    if args.figure == "multiplier":
-        plot_multiplier(result_rows(records, baseline), baseline, styles(records), plot)
-    if subset or args.figure:  # the folder's own files stay as its whole study made them
+    if subset or args.figure:  # a selection's figure, or another figure: the folder's files keep every run
+        records = select_runs(borrowed + own, select, args.baseline, folder)
         fits = budget_fits(records)
-        if not args.figure:
+        if args.figure == "multiplier":
+            plot_multiplier(result_rows(records, baseline), baseline, styles(records), plot)
+        else:
             plot_report(records, result_rows(records, baseline), baseline, plot)
     else:
-        fits = write_results(folder, records, plot, baseline)
+        records, fits = write_results(folder, plot, args.baseline, borrowed)
     print_summary(records, fits, baseline, twins)
     print(f"plot: {plot}")
     return records
@@ -123,6 +125,7 @@ def select_runs(records, select, named, folder):
     """The runs --variants, --budget_steps and --seeds select, in the order of --variants. The baseline stays
     at every budget (of the selected seeds): the effective-compute ratios read its whole curve. A baseline
     named by --baseline must have runs here; the default may be missing (a learning-rate grid has none)."""
+    require(records, f"no finished runs (<run>/run.json) in {folder}")
     variant, budget, seed = (lambda r: r.run.variant, lambda r: r.run.train.budget_steps,
                              lambda r: r.run.train.seed)
     names = sorted(set(map(variant, records)))
@@ -134,7 +137,7 @@ def select_runs(records, select, named, folder):
     require(not missing, f"no finished runs of {', '.join(missing)} in {folder}")
     require(named in names + [None], f"--baseline {named}: {folder} has no runs of it (its variants: "
             f"{', '.join(names)})")
-    check_settings(records, folder)  # the whole folder: what is missing is said first, then what conflicts
+    check_settings([r.run for r in records], folder)  # the whole folder: what is missing first, then what conflicts
     baseline = named or BASELINE
     records = [r for r in records if seed(r) in seeds
                and (variant(r) == baseline or (variant(r) in variants and budget(r) in budgets))]
@@ -158,38 +161,48 @@ def shape(records):
     return {(r.run.train.dataset, r.run.train.budget_unit, r.run.model.n_layer, r.run.model.n_embd, r.run.model.n_head,
              r.run.model.block_size, r.run.model.vocab_size) for r in records}
 
-# what report reads of a run.json besides its Run (flops: only since FLOPs became the unit)
+# what report reads of a run.json besides its Run (flops: only since FLOPs became the unit), and of each of its evals
 RECORD_KEYS = {"run", "trained_rounds", "steps", "tokens", "epochs", "tokens_per_param", "cost", "target", "wall_s",
                "mfu", "n_params", "floor", "evals"}
+EVAL_KEYS = {"rounds", "eval_applications", "val_loss"}
 
 def read_runs(folder):
-    """The records of a folder's finished runs; a run.json some other program wrote stops here, named."""
-    records = []
-    for path in sorted(glob.glob(os.path.join(folder, "*", "run.json"))):
-        record = read_json(path)
-        try:
-            record = Record(record)
-            ok = RECORD_KEYS <= set(record)
-        except (TypeError, KeyError, ValueError):  # not a dict, a key missing, a setting GPTConfig refuses
-            ok = False
-        require(ok, f"{path} is not a train.py run record: delete it, or report another folder")
-        records.append(record)
-    require(records, f"no finished runs (<run>/run.json) in {folder}")
-    return records
+    """The records of a folder's finished runs (<run>/run.json), each checked whole (read_record)."""
+    # escaped: the folder is a name, not a pattern (runs[1] is a folder, not runs1)
+    return [read_record(path) for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*", "run.json")))]
 
-def check_settings(records, folder):
+def read_record(path):
+    """A run.json as a Record, checked before any compute: an object with every key the report reads, its settings a
+    Run, a loss at each depth it was scored at, one of them as trained. A damaged one stops with one line that says
+    what is true: --resume rebuilds it from the run's last checkpoint, where there is one."""
+    ckpt = os.path.join(os.path.dirname(path), "ckpt.pt")
+    fix = (f"delete it, and train.py --resume rebuilds it from {ckpt}" if os.path.isfile(ckpt) else
+           "delete its run folder (train.py --resume then trains the run again), or move it away")
+    saved = read_json(path, fix)
+    require(isinstance(saved, dict), f"{path} holds {json.dumps(saved)[:20]}, not a train.py run record: {fix}")
+    missing = sorted(RECORD_KEYS - set(saved))
+    require(not missing, f"{path} is not a train.py run record (no {', '.join(missing)}): {fix}")
+    try:
+        record = Record(saved)
+        ok = all(EVAL_KEYS <= set(e) for e in record["evals"]) and any(
+            e["rounds"] == record["trained_rounds"] for e in record["evals"])
+    except (TypeError, KeyError, ValueError, AttributeError):  # settings that are no Run, evals no list of objects
+        ok = False
+    require(ok, f"{path} is not a train.py run record (its settings or evals are damaged): {fix}")
+    return record
+
+def check_settings(runs, folder, fix="report them apart"):
     """A variant's runs are averaged over seeds and read across budgets: they may differ in nothing else. Read
     as Runs, so that a setting an older run did not record counts as its default. And one budget unit per folder:
     a ratio reads a variant's cost on the baseline's curve, and costs in two units are not comparable."""
-    runs = [r.run for r in records]
     units = sorted({run.train.budget_unit for run in runs})
     require(len(units) == 1, f"{folder} mixes budgets in {' and '.join(units)}, whose costs do not compare: "
-            f"report them apart (one folder per --budget_unit)")
+            f"{fix} (one folder per --budget_unit)")
     settings = {}
     for run in runs:
         s = [asdict(run.model), asdict(replace(run.train, seed=0, budget_steps=0, budget=0, warmup_steps=0))]
         require(settings.setdefault(run.variant, s) == s,
-                f"{folder} holds runs of {run.variant} with other settings: report them apart")
+                f"{folder} holds runs of {run.variant} with other settings: {fix}")
 
 def report_folders(args, select):
     """Several folders: their runs at one budget varying a setting are one grid (e.g. the warm-up folders);
@@ -201,13 +214,14 @@ def report_folders(args, select):
             "names the panels of --figure depth)")
     studies = {folder: read_runs(folder) for folder in args.folders}
     for folder, runs in studies.items():
-        check_settings(runs, folder)
+        require(runs, f"no finished runs (<run>/run.json) in {folder}")
+        check_settings([r.run for r in runs], folder)
     records = [r for runs in studies.values() for r in runs]
     if args.figure == "multiplier":  # the folders are one study: its layouts' m against k
         for folder, runs in studies.items():
             require(shape(runs) == shape(records), f"--figure multiplier pools the folders into one study: {folder}'s "
                     f"runs have another model, data or budget unit than {args.folders[0]}'s")
-        check_settings(records, " and ".join(args.folders))
+        check_settings([r.run for r in records], " and ".join(args.folders))
         baseline = args.baseline or BASELINE
         print_summary(records, budget_fits(records), baseline)
         plot_multiplier(result_rows(records, baseline), baseline, styles(records), args.plot)
@@ -566,21 +580,41 @@ def ab_tokens_per_param(rows, baseline, budget_steps):
     row = next(row for row in rows if row["variant"] == baseline)
     return budget_steps * row["tokens"] / row["steps"] / row["n_params"]
 
-def write_results(out_dir, records, plot_path, baseline):
-    """results.csv (one row per run x depth), budget_fits.json (where a law was fitted) and the plot; returns
-    the fits."""
-    rows, fits, table = result_rows(records, baseline), budget_fits(records), io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(os.path.join(out_dir, "results.csv"), table.getvalue().encode())
-    fits_path = os.path.join(out_dir, "budget_fits.json")
-    if fits:
-        write_atomic(fits_path, json.dumps(fits, indent=1).encode())
-    elif os.path.exists(fits_path):  # an earlier, larger set of runs had one: it no longer describes these
-        os.remove(fits_path)
-    plot_report(records, rows, baseline, plot_path or os.path.join(out_dir, "loss_vs_cost.png"))
-    return fits
+def write_results(folder, plot_path, named_baseline, borrowed=()):
+    """results.csv (one row per run x depth), budget_fits.json (where a law was fitted) and the plot, rebuilt from
+    every finished run in the folder (and `borrowed`: the baseline of another folder, --baseline_dir); returns its
+    records (ordered by select_runs) and the fits.
+
+    Under the folder's lock (folder_lock): a process writes its run's record before it rebuilds these files, and
+    reads the records once it holds the lock, so whoever writes them last has read every finished run, however
+    processes training into one folder and reports overlap."""
+    require(os.path.isdir(folder), f"{folder} is not a folder of runs (<run>/run.json)")
+    with folder_lock(folder):
+        records = select_runs([*borrowed, *read_runs(folder)], Selection([], [], []), named_baseline, folder)
+        baseline = named_baseline or BASELINE
+        rows, fits, table = result_rows(records, baseline), budget_fits(records), io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(os.path.join(folder, "results.csv"), table.getvalue().encode())
+        fits_path = os.path.join(folder, "budget_fits.json")
+        if fits:
+            write_atomic(fits_path, json.dumps(fits, indent=1).encode())
+        elif os.path.exists(fits_path):  # an earlier, larger set of runs had one: it no longer describes these
+            os.remove(fits_path)
+        plot_report(records, rows, baseline, plot_path or os.path.join(folder, "loss_vs_cost.png"))
+    return records, fits
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Hold the lock of a folder's own files (results.csv, budget_fits.json, the plot) for the block: flock on the
+    folder itself, so that no lock file is left among the results. The OS releases it when its process ends."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits for another writer: rebuilding the files takes a second or two
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
 
 # -----------------------------------------------------------------------------
 # Figures: each answers one question and reads at the README's width (about 830 px: figures are drawn 8.3
@@ -691,7 +725,7 @@ def new_figure(panels, title, height=3.6, sharey=False):
 
 def save(fig, path):
     """Written atomically, as every result is: an interrupted report leaves the previous figure whole."""
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
 
 def describe(records, sep=", "):
     """The data and the model of a study, for a title: 'Shakespeare (char), 8 x 24, 59.9k params'."""

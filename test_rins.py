@@ -45,12 +45,14 @@ import errno
 import functools
 import glob
 import gzip
+import io
 import itertools
 import json
 import math
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import struct
@@ -926,6 +928,55 @@ def test_ctrl_c_stops_with_one_line_and_resume_finishes(data_dir, tmp_path, sig)
     (r,) = train.main(flags + ["--resume"])
     assert r["steps"] == 400
 
+class SignalOnWrite:
+    """The file torch.save writes to, raising `sig` as torch writes its first bytes: the signal lands inside its
+    writer, where torch turns the KeyboardInterrupt into a RuntimeError ("unexpected pos") of its own."""
+    def __init__(self, f, sig):
+        self.f, self.sig = f, sig
+
+    def write(self, data):
+        if self.sig:
+            signal.raise_signal(self.sig)
+            self.sig = None
+        return self.f.write(data)
+
+    def __getattr__(self, name):  # flush and the rest: the file's
+        return getattr(self.f, name)
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_an_interrupt_inside_a_checkpoint_write_is_an_interrupt(data_dir, tmp_path, monkeypatch, sig):
+    real_save, saves = torch.save, []
+
+    def save(obj, f):  # the real torch.save, the signal sent while it writes the second checkpoint
+        saves.append(f)
+        real_save(obj, SignalOnWrite(f, sig) if len(saves) == 2 else f)
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(SystemExit) as e:
+        run_train(data_dir, tmp_path, "--budget_steps", "12", "--eval_points", "4")  # checkpoints at 3, 6, 9, 12
+    assert str(e.value).startswith("\ninterrupted: ") and "--resume" in str(e.value), str(e.value)
+    # the write it landed in ended whole, then the interrupt stopped the run
+    assert torch.load(tmp_path / "AB_b12_s0" / "ckpt.pt", weights_only=True)["state"]["step"] == 6
+    assert not list(tmp_path.rglob("*.tmp"))
+
+# train.py run as a script that stops itself as it starts to import torch: a Ctrl-C in its first seconds
+STOPPED_AT_START = """import runpy, signal, sys
+class Stop:
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            signal.raise_signal(signal.{sig})
+sys.meta_path.insert(0, Stop())
+sys.argv = ["train.py", "--budget_steps", "12"]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"], ids=["ctrl_c", "sigterm"])
+def test_an_interrupt_during_start_up_is_one_line(tmp_path, sig):
+    p = subprocess.run([sys.executable, "-c", STOPPED_AT_START.format(sig=sig)], cwd=ROOT, env=ONE_THREAD, text=True,
+                       capture_output=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("interrupted while starting"), p.stderr
+    assert "--resume" in lines[0]
+
 def test_resume_removes_the_temporary_file_a_kill_during_a_write_left(data_dir, tmp_path, monkeypatch):
     flags = ["--budget_steps", "12", "--eval_points", "4"]  # checkpoints at steps 3, 6, 9 and 12
     (full,) = run_train(data_dir, tmp_path / "full", *flags)
@@ -940,6 +991,7 @@ def test_resume_removes_the_temporary_file_a_kill_during_a_write_left(data_dir, 
     monkeypatch.undo()
     run_dir = tmp_path / "out" / "AB_b12_s0"
     (run_dir / "ckpt.pt.4242.tmp").write_bytes(b"")  # what kill -9 leaves when it strikes as the next one opens
+    (tmp_path / "out" / "loss_vs_cost.png.4242.tmp").write_bytes(b"")  # and in the middle of the folder's figure
     (r,) = run_train(data_dir, tmp_path / "out", *flags, "--resume")
     assert not list(tmp_path.rglob("*.tmp"))
     assert r["train_log"] == full["train_log"] and r["curve"] == full["curve"]  # continued from step 3, exactly
@@ -957,21 +1009,47 @@ def test_two_processes_cannot_train_the_same_run(data_dir, tmp_path):
     (r,) = train.main(flags + ["--resume"])  # the lock went with the process
     assert r["steps"] == 400
 
-def test_full_disk_while_checkpointing_leaves_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
-    real_save, saves = torch.save, []
+def snapshot(folder):
+    """Every file under folder and its bytes."""
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
-    def save(obj, f):  # the second checkpoint finds the disk full after writing part of it
-        saves.append(f)
-        if len(saves) == 2:
-            f.write(b"PK\x03\x04 half")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_save(obj, f)
-    monkeypatch.setattr(torch, "save", save)
-    with pytest.raises(SystemExit, match=r"could not write .*ckpt.pt \(the disk is full: No space left on device\): "
-                                         r"the previous checkpoint, if any, is intact; free some space"):
-        run_train(data_dir, tmp_path, "--budget_steps", "12", "--eval_points", "4")
-    ckpt = torch.load(tmp_path / "AB_b12_s0" / "ckpt.pt", weights_only=True)
-    assert ckpt["state"]["step"] == 3 and not list(tmp_path.rglob("*.tmp"))
+def run_under_file_size_limit(limit, script, *args):
+    """A script in a subprocess that may write no file beyond `limit` bytes, as under `ulimit -f`: a write past it
+    fails with EFBIG (SIGXFSZ ignored, as Python ignores it). Returns its stderr."""
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], env=ONE_THREAD, cwd=ROOT, text=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=limited)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    return p.stderr.strip().splitlines()[-1]
+
+def test_a_file_size_limit_is_named_and_every_good_file_kept(data_dir, tmp_path):
+    # a finished run's folder: a checkpoint of 240 kB, a figure of about 60 kB, a table and run.json of a few kB
+    run_train(data_dir, tmp_path, "--budget_steps", "12")
+    before = snapshot(tmp_path)
+    # another run's first checkpoint passes the limit (torch.save used to report it as "unexpected pos")
+    last = run_under_file_size_limit(32_000, "train.py", *TINY, "--data_dir", data_dir, "--out_dir", str(tmp_path),
+                                     "--budget_steps", "12", "--variants", "A3B")
+    assert last.startswith(f"error: could not write {tmp_path}/A3B_b12_s0/ckpt.pt (file too large for the file-size "
+                           f"limit, ulimit -f): the previous version, if any, is intact; raise the limit"), last
+    # a report: its table fits, its figure does not
+    last = run_under_file_size_limit(32_000, "report.py", str(tmp_path))
+    assert last.startswith(f"error: could not write {tmp_path}/loss_vs_cost.png (file too large"), last
+    # every good file as it was (the table rewritten the same), nothing new but the other run's lock
+    assert snapshot(tmp_path) == {**before, tmp_path / "A3B_b12_s0" / "lock": b""}
+
+def test_two_processes_in_one_folder_leave_a_table_of_every_run(data_dir, tmp_path):
+    flags = TINY + ["--data_dir", data_dir, "--eval_points", "50", "--out_dir", str(tmp_path)]
+    proc = start_and_wait_for_checkpoint(flags + ["--budget_steps", "400"], tmp_path / "AB_b400_s0" / "ckpt.pt")
+    proc.send_signal(signal.SIGSTOP)  # paused: the run below ends first, this one writes the folder's files last
+    try:
+        run_train(data_dir, tmp_path, "--budget_steps", "12", "--eval_points", "50")
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert proc.wait() == 0, proc.stderr.read()[-2000:]
+    with open(tmp_path / "results.csv") as f:
+        assert [row["run"] for row in csv.DictReader(f)] == ["AB_b12_s0", "AB_b400_s0"]
 
 def test_resume_refuses_a_dataset_prepared_again(data_dir, tmp_path):
     flags = copy_dataset(data_dir, tmp_path) + ["--budget_steps", "2", "--out_dir", str(tmp_path / "out")]
@@ -1074,10 +1152,10 @@ def copy_dataset(data_dir, tmp_path, **replace):
         (folder / name).write_bytes(replace.get(name.replace(".", "_"), open(f"{data_dir}/syn/{name}", "rb").read()))
     return ["--data_dir", str(tmp_path / "data")]
 
-def broken_run(tmp_path, name, content):
-    """tmp_path/out/AB_b12_s0/<name> holding content (bytes), as a damaged earlier run leaves it."""
-    (tmp_path / "out" / "AB_b12_s0").mkdir(parents=True)
-    (tmp_path / "out" / "AB_b12_s0" / name).write_bytes(content)
+def broken_run(tmp_path, name, content, run="AB_b12_s0"):
+    """tmp_path/out/<run>/<name> holding content (bytes), as a damaged earlier run leaves it; a folder if None."""
+    (tmp_path / "out" / run).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "out" / run / name).mkdir() if content is None else (tmp_path / "out" / run / name).write_bytes(content)
     return ["--resume"]
 
 @functools.cache
@@ -1092,6 +1170,21 @@ def report_folder(tmp_path, data_dir, run_json=None):
     (tmp_path / "runs" / "AB_b12_s0").mkdir(parents=True, exist_ok=True)
     (tmp_path / "runs" / "AB_b12_s0" / "run.json").write_text(run_json or finished_run(data_dir))
     return str(tmp_path / "runs")
+
+def record_without(data_dir, key):
+    """The finished run's run.json without one of its keys, as bytes."""
+    record = json.loads(finished_run(data_dir))
+    del record[key]
+    return json.dumps(record).encode()
+
+def checkpoint_without(data_dir, part):
+    """A checkpoint of the finished run's settings with every part save_checkpoint writes but `part` (None: all of
+    them), each empty, as bytes."""
+    ckpt = {"run": json.loads(finished_run(data_dir))["run"], "model": {}, "optimizer": {}, "state": {}, "rng": {}}
+    ckpt.pop(part, None)
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    return buffer.getvalue()
 
 def some_file(tmp_path, content):
     (tmp_path / "file").write_bytes(content)
@@ -1142,6 +1235,29 @@ BAD_TRAIN_INPUTS = {
     "resume over a damaged run.json": (lambda tmp, d: broken_run(tmp, "run.json", b'{"run": '), "is not readable JSON"),
     "resume over a truncated ckpt.pt": (lambda tmp, d: broken_run(tmp, "ckpt.pt", b"PK\x03\x04"),
                                         "ckpt.pt is not a train.py checkpoint"),
+    # ... whole files of the wrong shape: each used to end in a traceback, some only after the others had trained
+    "resume over a run.json of null": (lambda tmp, d: broken_run(tmp, "run.json", b"null"),
+                                       "run.json holds null, not a train.py run record: delete its run folder"),
+    "resume over a run.json of []": (lambda tmp, d: broken_run(tmp, "run.json", b"[]"), "holds [], not a train.py"),
+    "resume over a run.json of {}": (lambda tmp, d: broken_run(tmp, "run.json", b"{}"),
+                                     "run.json is not a train.py run record (no cost, epochs, evals,"),
+    "resume over a run.json without evals": (lambda tmp, d: broken_run(tmp, "run.json", record_without(d, "evals")),
+                                             "run.json is not a train.py run record (no evals)"),
+    "another run's damaged run.json in the folder": (lambda tmp, d: broken_run(tmp, "run.json", b"{}", "ZZ_b1_s0"),
+                                                     "ZZ_b1_s0/run.json is not a train.py run record"),
+    "resume over a ckpt.pt without rng": (lambda tmp, d: broken_run(tmp, "ckpt.pt", checkpoint_without(d, "rng")),
+                                          "ckpt.pt is not a train.py checkpoint (no 'rng')"),
+    "resume over a ckpt.pt without state": (lambda tmp, d: broken_run(tmp, "ckpt.pt", checkpoint_without(d, "state")),
+                                            "ckpt.pt is not a train.py checkpoint (no 'state')"),
+    "resume over a ckpt.pt of no weights": (lambda tmp, d: broken_run(tmp, "ckpt.pt", checkpoint_without(d, None)),
+                                            "ckpt.pt is not a train.py checkpoint (its state, rng or weights are"),
+    # a folder where a file belongs
+    "a folder named lock": (lambda tmp, d: broken_run(tmp, "lock", None), "AB_b12_s0/lock is a folder where a file"),
+    "a folder named run.json": (lambda tmp, d: broken_run(tmp, "run.json", None), "run.json is a folder where a file"),
+    "a folder named ckpt.pt.1.tmp": (lambda tmp, d: broken_run(tmp, "ckpt.pt.1.tmp", None),
+                                     "AB_b12_s0/ckpt.pt.1.tmp is a folder where a file belongs: move it away"),
+    "a folder named results.csv": (lambda tmp, d: broken_run(tmp, "results.csv", None, "."),
+                                   "out/results.csv is a folder where a file belongs"),
     # --sample
     "sample a folder": (lambda tmp, d: ["--sample", "--ckpt", str(tmp)], "is not a train.py checkpoint"),
     "sample an empty file": (lambda tmp, d: ["--sample", "--ckpt", some_file(tmp, b"")], "is not a train.py checkpoint"),
@@ -1177,6 +1293,8 @@ BAD_LAB_INPUTS = {
     "report over a damaged run.json": (report, lambda tmp, d: damaged_folder(tmp, b"["), "is not readable JSON"),
     "report over another program's run.json": (report, lambda tmp, d: [report_folder(tmp, d, '{"a": 1}')],
                                                 "run.json is not a train.py run record"),
+    "report over a run.json without evals": (report, lambda tmp, d: damaged_folder(tmp, record_without(d, "evals")),
+                                             "run.json is not a train.py run record (no evals): delete its run folder"),
     "report a seed it lacks": (report, lambda tmp, d: [report_folder(tmp, d), "--seeds", "5"],
                                "no finished runs of seed 5 in"),
     "report against a baseline it lacks": (report, lambda tmp, d: [report_folder(tmp, d), "--baseline", "ZZ"],
@@ -1237,6 +1355,26 @@ def test_prepare_bad_input_is_one_clear_line(tmp_path, files, flags, message):
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1 and message in lines[0], p.stderr
     assert sorted(os.listdir(tmp_path)) == sorted(files)  # nothing written, here or in data/
+
+def test_a_damaged_run_json_is_rebuilt_from_the_checkpoint_as_its_message_says(data_dir, tmp_path):
+    run_train(data_dir, tmp_path, "--budget_steps", "12")
+    path = tmp_path / "AB_b12_s0" / "run.json"
+    whole = path.read_text()
+    path.write_text(whole[:len(whole) // 2])  # truncated, as a copy cut short leaves it
+    with pytest.raises(SystemExit) as e:
+        run_train(data_dir, tmp_path, "--budget_steps", "12", "--resume")
+    assert str(e.value).endswith(f"delete it, and train.py --resume rebuilds it from {tmp_path}/AB_b12_s0/ckpt.pt")
+    path.unlink()
+    run_train(data_dir, tmp_path, "--budget_steps", "12", "--resume")
+    assert json.loads(path.read_text()) == json.loads(whole)  # what it says is true: the same record again
+
+def test_folder_names_are_names_not_patterns(data_dir, tmp_path):
+    out = tmp_path / "runs[1] \u00e9"  # glob would read [1] as a pattern, matching "runs1 é"
+    run_train(data_dir, out, "--budget_steps", "12")
+    (out / "loss_vs_cost.png.4242.tmp").write_bytes(b"")  # a kill -9 in the middle of the figure
+    run_train(data_dir, out, "--budget_steps", "12", "--resume")
+    assert not list(out.rglob("*.tmp"))
+    assert [r["run"]["name"] for r in report.main([str(out)])] == ["AB_b12_s0"]
 
 def test_existing_run_needs_resume_and_the_same_configuration(data_dir, tmp_path):
     run_train(data_dir, tmp_path, "--budget_steps", "2", "--learning_rate", "0.003")
@@ -1312,11 +1450,11 @@ def test_report_joins_runs_of_several_invocations_and_filters(data_dir, tmp_path
     run_train(data_dir, tmp_path, "--variants", "AB", "--seeds", "0,1", "--budget_steps", "8")
     ab_rows = open(tmp_path / "results.csv").read().splitlines()
     run_train(data_dir, tmp_path, "--variants", "A2B", "--budget_steps", "8")
-    a2b_rows = open(tmp_path / "results.csv").read().splitlines()
-    assert len(ab_rows) == 1 + 2 and len(a2b_rows) == 1 + 3  # each invocation wrote only its own runs
+    rows = open(tmp_path / "results.csv").read().splitlines()
+    assert len(ab_rows) == 1 + 2 and rows[4:] == ab_rows[1:]  # the folder's table: A2B's 3 depths, then AB's runs
 
     records = report.main([str(tmp_path)])  # every variant, in alphabetical order
-    assert open(tmp_path / "results.csv").read().splitlines() == a2b_rows + ab_rows[1:]
+    assert open(tmp_path / "results.csv").read().splitlines() == rows
     assert [r["run"]["name"] for r in records] == ["A2B_b8_s0", "AB_b8_s0", "AB_b8_s1"]
 
     capsys.readouterr()
@@ -1340,8 +1478,12 @@ def test_report_joins_runs_of_several_invocations_and_filters(data_dir, tmp_path
     assert all(row["effective_compute"] is not None for row in full)
     for other in (["--warmup_frac", "0.5"], ["--weight_decay", "0"]):  # warm-up: its rule, not its steps
         shutil.rmtree(tmp_path / "AB_b12_s0", ignore_errors=True)
-        run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "12", *other)
-        with pytest.raises(SystemExit, match="holds runs of AB with other settings"):
+        with pytest.raises(SystemExit, match="holds runs of AB with other settings: use another --out_dir"):
+            run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "12", *other)  # before any compute
+        apart = tmp_path / "apart" / other[0][2:]  # trained in a folder of its own, then put beside the others
+        run_train(data_dir, apart, "--variants", "AB", "--budget_steps", "12", *other)
+        shutil.copytree(apart / "AB_b12_s0", tmp_path / "AB_b12_s0")
+        with pytest.raises(SystemExit, match="holds runs of AB with other settings: report them apart"):
             report.main([str(tmp_path)])
     with pytest.raises(SystemExit, match="no finished runs of budget 9 in"):
         report.main([str(tmp_path), "--budget_steps", "8,9"])
@@ -1443,7 +1585,11 @@ def test_per_token_gain_is_the_baseline_at_half_the_budget_minus_a_twice_as_cost
 def test_report_refuses_a_folder_of_two_budget_units(data_dir, tmp_path):
     # AB in applications, A3B in FLOPs: a ratio would read A3B's FLOPs on AB's curve of applications
     run_train(data_dir, tmp_path, "--variants", "AB", "--budget_steps", "8,16", "--budget_unit", "applications")
-    run_train(data_dir, tmp_path, "--variants", "A3B", "--budget_steps", "8", "--budget_unit", "flops")
+    flops = ["--variants", "A3B", "--budget_steps", "8", "--budget_unit", "flops"]
+    with pytest.raises(SystemExit, match=r"mixes budgets in applications and flops, .*: use another --out_dir"):
+        run_train(data_dir, tmp_path, *flops)  # train.py refuses before any compute
+    run_train(data_dir, tmp_path / "flops", *flops)
+    shutil.copytree(tmp_path / "flops" / "A3B_b8_s0", tmp_path / "A3B_b8_s0")
     for folders in ([str(tmp_path)], [str(tmp_path), str(tmp_path)]):
         with pytest.raises(SystemExit, match=r"^error: .* mixes budgets in applications and flops, .*: report them"):
             report.main([*folders, "--plot", str(tmp_path / "x.png")])

