@@ -871,7 +871,7 @@ def test_two_processes_cannot_train_the_same_run(data_dir, tmp_path):
     proc = start_and_wait_for_checkpoint(flags, tmp_path / "AB_b400_s0" / "ckpt.pt")
     proc.send_signal(signal.SIGSTOP)  # paused, alive and holding its lock for as long as the test needs
     try:
-        with pytest.raises(SystemExit, match="AB_b400_s0/lock is held by another process"):
+        with pytest.raises(SystemExit, match=rf"AB_b400_s0/lock is held by process {proc.pid} \(`ps -p {proc.pid}`"):
             train.main(flags + ["--resume"])
     finally:
         proc.kill()
