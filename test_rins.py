@@ -920,8 +920,9 @@ def test_a_refusal_on_one_torchrun_rank_ends_every_rank_at_once(data_dir, tmp_pa
         lock.write(f"{os.getpid()}\n")
         lock.flush()
         start = time.monotonic()
-        out = subprocess.run(TORCHRUN + TINY + ["--data_dir", data_dir, "--budget_steps", "40", "--out_dir",
-                                                str(tmp_path), "--resume"], env=ONE_THREAD, capture_output=True, text=True)
+        out = subprocess.run(TORCHRUN + TINY + ["--data_dir", data_dir, "--budget_steps", "40", "--resume",
+                                                "--out_dir", str(tmp_path)], env=ONE_THREAD, capture_output=True,
+                             text=True)
         elapsed = time.monotonic() - start
     line = f"error: {run_dir}/lock is held by process {os.getpid()} (`ps -p {os.getpid()}` shows whether it still runs)"
     assert out.returncode != 0 and (out.stdout + out.stderr).count(line) == 2, out.stderr[-2000:]
