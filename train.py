@@ -196,11 +196,11 @@ def compare(args, grid):
         # every run is planned and checked before the first step: a mistake in the last one stops it all
         runs = agree(setup, lambda: plan_runs(args, grid, meta, len(train_data), len(val_data), setup.world))
         records, trained, left = train_runs(args, runs, setup)
-    except RuntimeError as e:  # a collective's peer is gone: torch's DistError, or gloo's from DDP's backward
-        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or "by peer" in str(e))):
+    except RuntimeError as e:  # a peer is gone or never came: torch's DistError, or gloo's from DDP's backward
+        if not (isinstance(e, dist.DistError) or "by peer" in str(e)):
             raise
-        raise SystemExit(f"error: another process of this torchrun job ended: finished runs and the last checkpoint "
-                         f"are in {args.out_dir}/; run the same command with --resume to continue")
+        raise SystemExit(f"error: another process of this torchrun job ended (or never started): finished runs and "
+                         f"the last checkpoint are in {args.out_dir}/; run the same command with --resume to continue")
     finally:
         release_lock()
         if dist.is_initialized():
