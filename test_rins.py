@@ -991,6 +991,24 @@ def test_killing_the_torchrun_launcher_ends_its_workers_and_resume_is_exact(data
     for key in ("steps", "cost", "train_log", "curve", "evals"):
         assert runs[0][key] == runs[1][key], key  # exact: same losses, LRs, skips and data
 
+def test_a_torchrun_worker_whose_peer_died_ends_with_one_line(data_dir, tmp_path):
+    flags = TINY + ["--data_dir", data_dir, "--budget_steps", "60", "--eval_points", "6", "--out_dir", str(tmp_path)]
+    launcher = subprocess.Popen(TORCHRUN + flags, env=ONE_THREAD, stdout=open(tmp_path / "log", "w"),
+                                stderr=subprocess.STDOUT)
+    wait_until((tmp_path / "AB_b60_s0" / "ckpt.pt").exists, "the first checkpoint")
+    # all paused, so that nothing but the lost peer can stop the survivor: not torchrun's own SIGTERM, nor the end
+    survivor, lost = workers = children(launcher.pid)
+    for pid in [launcher.pid] + workers:
+        os.kill(pid, signal.SIGSTOP)
+    os.kill(lost, signal.SIGKILL)
+    os.kill(survivor, signal.SIGCONT)
+    wait_until(lambda: not alive(survivor), "the survivor to end", seconds=10)
+    launcher.send_signal(signal.SIGCONT)
+    assert launcher.wait() != 0
+    out = (tmp_path / "log").read_text()
+    assert out.count("error: another process of this torchrun job ended") == 1 and "--resume" in out
+    assert "[rank" not in out  # no traceback from a worker (torchrun's own report of the dead one follows)
+
 def test_full_disk_while_checkpointing_leaves_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
     real_save, saves = torch.save, []
 
