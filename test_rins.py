@@ -905,8 +905,9 @@ def children(pid):
         return []
 
 def alive(pid):
+    """Whether a process still runs: a zombie, ended and not yet reaped, does not (Linux)."""
     try:
-        return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+        return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
 
@@ -1050,9 +1051,8 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(data_dir, tmp
     # the default evaluation and log intervals: the ranks must agree on when to all-reduce
     flags = TINY + ["--data_dir", data_dir, "--variants", "A3B:p_skip=0.5:adapters=1", "--budget_steps", "30",
                     "--eval_points", "10", "--log_interval", "10", "--budget_unit", "applications"]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    os.path.join(ROOT, "train.py")] + flags + ["--out_dir", str(tmp_path / "ddp")],
-                   check=True, env=ONE_THREAD, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(TORCHRUN + flags + ["--out_dir", str(tmp_path / "ddp")], check=True, env=ONE_THREAD, cwd=ROOT,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     (single,) = train.main(flags + ["--out_dir", str(tmp_path / "one"), "--batch_size", "4"])
     ddp = json.load(open(tmp_path / "ddp" / single["run"]["name"] / "run.json"))
     assert ddp["run"]["train"]["world_size"] == 2 and ddp["run"]["train"]["batch_size"] == 2
