@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import rins
 from data.prepare import write_atomic
-from report import check_flags, require, text_table
+from report import check_device, check_flags, text_table
 from rins import GPT, GPTConfig
 
 
@@ -63,10 +63,7 @@ DECODE_REPEATS = 3
 
 def bench(args):
     """Training steps (per layer application, MFU, the loss's memory) and decoding speed; bench.json."""
-    try:
-        device = rins.parse_device(args.device)
-    except ValueError as e:
-        require(False, f"--device: {e}")
+    device = check_device(args.device)
     check_flags(args, ("batch_size", "block_size", "repeats", "vocab", "n_head", "max_new_tokens", "long_prompt",
                        "long_new_tokens"), [
         ("n_layer", args.n_layer >= 4 and args.n_layer % 4 == 0, "4, 8, ... (for (A3B)2)"),

@@ -85,6 +85,13 @@ def require(ok, message):
     if not ok:
         raise SystemExit(f"error: {message}")
 
+def check_device(name):
+    """--device as a torch.device; a device that is not there stops now, not at the first tensor."""
+    try:
+        return rins.parse_device(name)
+    except ValueError as e:
+        raise SystemExit(f"error: --device: {e}")
+
 def check_flags(args, positive, rules):
     """The flags named in `positive` must be >= 1; each rule is (flag, whether it holds, what it must be)."""
     for name, ok, rule in [(k, getattr(args, k) >= 1, ">= 1") for k in positive] + rules:

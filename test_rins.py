@@ -41,7 +41,7 @@ cost under "compute accounting", a run that stops on its executed cost under "ru
 """
 
 import csv
-import errno
+import fcntl
 import functools
 import glob
 import gzip
@@ -1001,7 +1001,7 @@ def test_two_processes_cannot_train_the_same_run(data_dir, tmp_path):
     proc = start_and_wait_for_checkpoint(flags, tmp_path / "AB_b400_s0" / "ckpt.pt")
     proc.send_signal(signal.SIGSTOP)  # paused, alive and holding its lock for as long as the test needs
     try:
-        with pytest.raises(SystemExit, match="AB_b400_s0/lock is held by another process"):
+        with pytest.raises(SystemExit, match=rf"AB_b400_s0/lock is held by process {proc.pid} \(`ps -p {proc.pid}`"):
             train.main(flags + ["--resume"])
     finally:
         proc.kill()
@@ -1010,8 +1010,139 @@ def test_two_processes_cannot_train_the_same_run(data_dir, tmp_path):
     assert r["steps"] == 400
 
 def snapshot(folder):
-    """Every file under folder and its bytes."""
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    """Every file under folder and its bytes, but the locks: they hold the pid of their last holder, not results."""
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "lock"}
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            os.path.join(ROOT, "train.py")]
+
+def wait_until(condition, what, seconds=60):
+    """Poll condition() every 10 ms until it holds; a bound, so that a broken run fails the test, not hangs it."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {seconds} s for {what}"
+        time.sleep(0.01)
+
+def lock_pid(run_dir):
+    """The pid train.py wrote into a run folder's lock (None before)."""
+    try:
+        return int((run_dir / "lock").read_text())
+    except (OSError, ValueError):
+        return None
+
+def children(pid):
+    """The pids of a process's children (Linux)."""
+    try:
+        return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
+
+def alive(pid):
+    """Whether a process still runs: a zombie, ended and not yet reaped, does not (Linux)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+def test_a_refusal_on_one_torchrun_rank_ends_every_rank_at_once(data_dir, tmp_path):
+    # this process holds the run's lock, as a live train.py would: rank 0 alone can see it, and both ranks must
+    # end with its line, not rank 1 wait in a collective for a rank that has left (40 s, then torchrun's SIGKILL)
+    run_dir = tmp_path / "AB_b40_s0"
+    run_dir.mkdir()
+    with open(run_dir / "lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        start = time.monotonic()
+        out = subprocess.run(TORCHRUN + TINY + ["--data_dir", data_dir, "--budget_steps", "40", "--resume",
+                                                "--out_dir", str(tmp_path)], env=ONE_THREAD, capture_output=True,
+                             text=True)
+        elapsed = time.monotonic() - start
+    line = f"error: {run_dir}/lock is held by process {os.getpid()} (`ps -p {os.getpid()}` shows whether it still runs)"
+    assert out.returncode != 0 and (out.stdout + out.stderr).count(line) == 2, out.stderr[-2000:]
+    assert elapsed < 30, elapsed  # start-up and the refusal, on a busy machine
+    assert sorted(p.name for p in run_dir.iterdir()) == ["lock"]
+
+def test_two_processes_share_one_sweep_and_train_each_run_once(data_dir, tmp_path):
+    flags = TINY + ["--data_dir", data_dir, "--variants", "AB,A3B", "--seeds", "0,1", "--budget_steps", "100"]
+    one = {r["run"]["name"]: r for r in train.main(flags + ["--out_dir", str(tmp_path / "one")])}
+    shared = tmp_path / "shared"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + flags + ["--out_dir", str(shared)]
+    procs = [subprocess.Popen(cmd, env=ONE_THREAD, stdout=open(tmp_path / f"{i}.log", "w"), stderr=subprocess.STDOUT)
+             for i in range(2)]
+    holds = lambda proc: any(lock_pid(shared / name) == proc.pid for name in one)
+    # the first to hold a run is paused until the other holds one too, so that both train whatever the machine's
+    # load; then both go on, each taking the next run nobody holds or finished
+    wait_until(lambda: any(map(holds, procs)) or any(p.poll() is not None for p in procs), "a process to take a run")
+    first, second = procs if holds(procs[0]) else procs[::-1]
+    first.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: holds(second) or second.poll() is not None, "the other process to take a run")
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait() == 0 and second.wait() == 0
+    # a run's training starts with its schedule line: each run was trained once, by one of the two
+    logs = [(tmp_path / f"{i}.log").read_text() for i in range(2)]
+    trained = [re.findall(r"^(\S+): schedule", log, re.M) for log in logs]
+    assert all(trained) and sorted(trained[0] + trained[1]) == sorted(one), trained
+    for name, r in one.items():
+        saved = json.load(open(shared / name / "run.json"))
+        for key in ("run", "steps", "cost", "tokens", "evals", "curve", "train_log"):
+            assert saved[key] == r[key], (name, key)  # bit for bit the one-process sweep's
+    assert any(f"shared sweep: trained here {', '.join(names)};" in log for names, log in zip(trained, logs))
+
+def test_killing_the_torchrun_launcher_ends_its_workers_and_resume_is_exact(data_dir, tmp_path):
+    flags = TINY + ["--data_dir", data_dir, "--signature", "A3B", "--p_skip", "0.5", "--budget_steps", "60",
+                    "--eval_points", "6"]
+    launch = lambda out, *more: subprocess.Popen(TORCHRUN + flags + ["--out_dir", str(tmp_path / out), *more],
+                                                 env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    full, start = launch("full"), launch("start")  # full: the uninterrupted run, meanwhile
+
+    def kill_launcher(launcher):  # kill -9: no worker may outlive it, even by a few seconds
+        workers = children(launcher.pid)
+        launcher.kill()
+        launcher.wait()
+        return workers
+    # during start-up: the workers are importing torch (its library is mapped; no process group, no lock yet)
+    wait_until(lambda: len(children(start.pid)) == 2 and all(
+        "libtorch" in open(f"/proc/{w}/maps").read() for w in children(start.pid)), "the workers to start")
+    workers = kill_launcher(start)
+    wait_until(lambda: not any(map(alive, workers)), "the workers to end with their launcher", seconds=10)
+    assert not (tmp_path / "start").exists()
+    # during training: both workers paused at their first checkpoint, then the launcher killed
+    killed, ckpt = launch("killed"), tmp_path / "killed" / "A3B_p_skip=0.5_b60_s0" / "ckpt.pt"
+    wait_until(ckpt.exists, "the first checkpoint")
+    for w in children(killed.pid):
+        os.kill(w, signal.SIGSTOP)
+    workers = kill_launcher(killed)
+    for w in workers:
+        os.kill(w, signal.SIGCONT)
+    wait_until(lambda: not any(map(alive, workers)), "the workers to end with their launcher", seconds=10)
+    assert full.wait() == 0
+    assert 0 < torch.load(ckpt, weights_only=True)["state"]["step"] < 60 and not (ckpt.parent / "run.json").exists()
+    assert launch("killed", "--resume").wait() == 0
+    runs = [json.load(open(tmp_path / out / ckpt.parent.name / "run.json")) for out in ("full", "killed")]
+    for key in ("steps", "cost", "train_log", "curve", "evals"):
+        assert runs[0][key] == runs[1][key], key  # exact: same losses, LRs, skips and data
+
+def test_a_torchrun_worker_whose_peer_died_ends_with_one_line(data_dir, tmp_path):
+    flags = TINY + ["--data_dir", data_dir, "--budget_steps", "60", "--eval_points", "6", "--out_dir", str(tmp_path)]
+    launcher = subprocess.Popen(TORCHRUN + flags, env=ONE_THREAD, stdout=open(tmp_path / "log", "w"),
+                                stderr=subprocess.STDOUT)
+    wait_until((tmp_path / "AB_b60_s0" / "ckpt.pt").exists, "the first checkpoint")
+    # all paused, so that nothing but the lost peer can stop the survivor: not torchrun's own SIGTERM, nor the end
+    survivor, lost = workers = children(launcher.pid)
+    for pid in [launcher.pid] + workers:
+        os.kill(pid, signal.SIGSTOP)
+    os.kill(lost, signal.SIGKILL)
+    os.kill(survivor, signal.SIGCONT)
+    wait_until(lambda: not alive(survivor), "the survivor to end", seconds=10)
+    launcher.send_signal(signal.SIGCONT)
+    assert launcher.wait() != 0
+    out = (tmp_path / "log").read_text()
+    assert out.count("error: another process of this torchrun job ended") == 1 and "--resume" in out
+    assert "[rank" not in out  # no traceback from a worker (torchrun's own report of the dead one follows)
+
 
 def run_under_file_size_limit(limit, script, *args):
     """A script in a subprocess that may write no file beyond `limit` bytes, as under `ulimit -f`: a write past it
@@ -1036,8 +1167,8 @@ def test_a_file_size_limit_is_named_and_every_good_file_kept(data_dir, tmp_path)
     # a report: its table fits, its figure does not
     last = run_under_file_size_limit(32_000, "report.py", str(tmp_path))
     assert last.startswith(f"error: could not write {tmp_path}/loss_vs_cost.png (file too large"), last
-    # every good file as it was (the table rewritten the same), nothing new but the other run's lock
-    assert snapshot(tmp_path) == {**before, tmp_path / "A3B_b12_s0" / "lock": b""}
+    # every good file as it was (the table rewritten the same), nothing new (snapshot leaves the locks out)
+    assert snapshot(tmp_path) == before
 
 def test_two_processes_in_one_folder_leave_a_table_of_every_run(data_dir, tmp_path):
     flags = TINY + ["--data_dir", data_dir, "--eval_points", "50", "--out_dir", str(tmp_path)]
@@ -1076,9 +1207,8 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(data_dir, tmp
     # the default evaluation and log intervals: the ranks must agree on when to all-reduce
     flags = TINY + ["--data_dir", data_dir, "--variants", "A3B:p_skip=0.5:adapters=1", "--budget_steps", "30",
                     "--eval_points", "10", "--log_interval", "10", "--budget_unit", "applications"]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    os.path.join(ROOT, "train.py")] + flags + ["--out_dir", str(tmp_path / "ddp")],
-                   check=True, env=ONE_THREAD, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(TORCHRUN + flags + ["--out_dir", str(tmp_path / "ddp")], check=True, env=ONE_THREAD, cwd=ROOT,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     (single,) = train.main(flags + ["--out_dir", str(tmp_path / "one"), "--batch_size", "4"])
     ddp = json.load(open(tmp_path / "ddp" / single["run"]["name"] / "run.json"))
     assert ddp["run"]["train"]["world_size"] == 2 and ddp["run"]["train"]["batch_size"] == 2

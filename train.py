@@ -14,14 +14,23 @@ figures (python report.py DIR); bench.py measures speed.
 """
 
 import argparse
+import ctypes
 import fcntl
 import json
 import math
 import os
 import re
 import signal
+import sys
 import time
+from collections import namedtuple
 from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
+
+# a torchrun worker must not outlive its launcher, unseen and out of the user's reach: Linux sends it SIGTERM when
+# the launcher dies, which stops it as Ctrl-C does. Asked here, before torch's import takes seconds
+if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform == "linux":
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # prctl(PR_SET_PDEATHSIG, SIGTERM), from <sys/prctl.h>
 
 if __name__ == "__main__":  # a script: from its first line SIGTERM (torchrun, kill, job schedulers) raises what
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # Ctrl-C raises, so that both end as main says
@@ -35,8 +44,8 @@ try:
     import rins
     from data.prepare import (codec, load_prepared, read_json, remove_temporaries, require_file, temporaries,
                               write_atomic)
-    from report import (BASELINE, Record, Run, TrainConfig, check_flags, check_settings, folder_lock, int_list, outcome,
-                        print_summary, read_record, read_run, read_runs, require, write_results)
+    from report import (BASELINE, Record, Run, TrainConfig, check_device, check_flags, check_settings, folder_lock,
+                        int_list, outcome, print_summary, read_record, read_run, read_runs, require, write_results)
     from rins import GPT, GPTConfig
 except KeyboardInterrupt:  # while torch loads (seconds): one line, not an import's traceback
     raise SystemExit("interrupted while starting, before any run: run the same command again (with --resume if "
@@ -46,12 +55,14 @@ DEFAULT_VARIANTS = "AB,A3B,ABAB"
 DEFAULT_BUDGETS = "400,1200"  # two budgets: the effective-compute ratio needs the baseline at two or more
 EVAL_SEED = 1234  # validation batches are the same for every evaluation of every run
 VARIANT_KEYS = {**rins.MODEL_KEYS, "block_size": int, "batch_size": int, "learning_rate": float}
-LOCKS = []  # the open lock files of this process's runs: a lock lives as long as its file is open
+LOCKS = []  # the open lock file of the run this process trains: a lock lives as long as its file is open
+START_TIMEOUT = 30  # seconds torchrun's processes wait for each other at start-up (torch's default: 30 minutes)
 
 # How this file runs, top to bottom. --compare (the default):
 #   main            reads the flags (never changes them) and the grid: variants x budgets x seeds
 #   compare         loads the data once, plans every run, then trains each one (or reuses it) in turn
-#   plan_runs       checks every flag and earlier run before any compute, then locks each run's folder
+#   plan_runs       checks every flag and earlier run before any compute (under torchrun, rank 0 for all: agree)
+#   train_runs      takes each run's lock in turn (take_run): runs another process holds are left to it
 #   make_run        turns a variant and a budget into a Run (its GPTConfig and TrainConfig) and its plan:
 #                   the steps and the cost it stops at, by the budget rule (rins.plan_budget)
 #   train           one run: builds it (start), then loops over step(), evaluating and checkpointing
@@ -121,13 +132,9 @@ def add_comparison_flags(p):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks")
 
-@dataclass
-class Grid:
-    """The comma-separated flags, read once: the runs a comparison trains (variants x budget_steps x seeds).
-    Kept apart from the parsed flags, which keep the text the user typed."""
-    variants: list      # variant specs as written, "A3B:p_skip=0.5"
-    budget_steps: list  # in steps of the baseline AB
-    seeds: list
+# the comma-separated flags, read once (the parsed flags keep the text the user typed): the runs a comparison
+# trains, variants x budget_steps x seeds; variants as written ("A3B:p_skip=0.5"), budgets in steps of AB
+Grid = namedtuple("Grid", "variants budget_steps seeds")
 
 def main(argv=None):
     """The command line: --compare (the default: train the variants, then the table) or --sample. Returns
@@ -174,54 +181,114 @@ class Setup:
     meta: dict              # the dataset's meta.json: vocabulary, fingerprint, entropy floor
     device: torch.device
     ddp: bool               # launched by torchrun: gradients are averaged over the processes every step
-    rank: int               # 0 is the master: it alone evaluates, checkpoints and writes
+    rank: int               # 0 is the master: it alone decides, locks, evaluates, checkpoints and writes
     world: int
     compile: bool
 
 def compare(args, grid):
     """The main job: train every variant x budget x seed (or reuse finished runs), then the table."""
-    device = check_device(args.device)
-    # the token files are memory-mapped: a dataset larger than memory is read batch by batch
-    train_data, val_data, meta = load_prepared(args.data_dir, args.dataset)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    # every run is planned and checked before the first step: a mistake in the last one stops it all
-    runs = plan_runs(args, grid, meta, len(train_data), len(val_data), world)
-    # torchrun starts one process per device and tells each its rank; they meet in one process group, whose
-    # all-reduce averages the gradients (NCCL between GPUs, gloo between CPU processes)
-    ddp = "RANK" in os.environ  # launched by torchrun
-    if ddp:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    torch.set_float32_matmul_precision("high")  # on GPUs, TF32 for what autocast leaves in float32
-    setup = Setup(train_data, val_data, meta, device, ddp, dist.get_rank() if ddp else 0, world, args.compile)
-    # one run after the other, each to the end of its budget: a run's record is written when it is finished,
-    # so a folder's run.json files are exactly its finished runs
-    records = []
-    for run, plan in runs:
-        path = os.path.join(args.out_dir, run.name, "run.json")
-        saved = read_json(path)  # a finished run is reused: --resume continues a comparison where it stopped
-        if saved is None:
-            record = train(run, plan, os.path.dirname(path), setup)
-            if setup.rank == 0:
-                write_atomic(path, json.dumps(record).encode())
-        else:
-            record = Record(saved)
-        records.append(record)
-    if setup.rank == 0:  # the folder's files and table, rebuilt from every finished run in it: others may share it
-        baseline = args.baseline or BASELINE
-        finished, fits = write_results(args.out_dir, None, args.baseline)
-        print_summary(finished, fits, baseline)
-        print(f"{outcome(finished, baseline)}\nresults: {args.out_dir}/results.csv, plot: "
-              f"{args.out_dir}/loss_vs_cost.png\nwhat the repository's studies found: RESULTS.md")
-    if ddp:
-        dist.destroy_process_group()
+    try:
+        device, ddp = join_processes(check_device(args.device))
+        # the token files are memory-mapped: a dataset larger than memory is read batch by batch
+        train_data, val_data, meta = load_prepared(args.data_dir, args.dataset)
+        setup = Setup(train_data, val_data, meta, device, ddp, dist.get_rank() if ddp else 0,
+                      dist.get_world_size() if ddp else 1, args.compile)
+        # every run is planned and checked before the first step: a mistake in the last one stops it all
+        runs = agree(setup, lambda: plan_runs(args, grid, meta, len(train_data), len(val_data), setup.world))
+        records, trained, left = train_runs(args, runs, setup)
+    except RuntimeError as e:  # a peer is gone or never came: torch's DistError, or gloo's from DDP's backward
+        if not (isinstance(e, dist.DistError) or "by peer" in str(e)):
+            raise
+        raise SystemExit(f"error: another process of this torchrun job ended (or never started): finished runs and "
+                         f"the last checkpoint are in {args.out_dir}/; run the same command with --resume to continue")
+    finally:
+        release_lock()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    # a process that found nothing to train, every run it did not find finished being another's, was not needed
+    if left and not trained:
+        name, pid = next(iter(left.items()))
+        raise SystemExit(f"error: {os.path.join(args.out_dir, name, 'lock')} is held by process {pid} (`ps -p {pid}` "
+                         f"shows whether it still runs): wait for it to finish, or use another --out_dir")
+    if setup.rank == 0:
+        end_of_sweep(args, trained, left)
     return records
 
+def train_runs(args, runs, setup):
+    """Train the runs one after the other, each to the end of its budget, or reuse them; returns (the records,
+    the runs trained here, {run: pid} of those other processes hold). Several processes given the same sweep
+    share it as a work queue: each run goes to the first to take its lock, and the others pass it by."""
+    torch.set_float32_matmul_precision("high")  # on GPUs, TF32 for what autocast leaves in float32
+    # a run's record is written when it is finished, so a folder's run.json files are exactly its finished runs
+    records, trained, left = [], [], {}
+    for run, plan in runs:
+        run_dir = os.path.join(args.out_dir, run.name)
+        turn, saved = agree(setup, lambda: take_run(run, run_dir))
+        if turn == "held":
+            left[run.name] = saved  # the pid of the process that trains it
+            continue
+        record = Record(saved) if turn == "done" else train(run, plan, run_dir, setup)
+        if turn == "train" and setup.rank == 0:
+            write_atomic(os.path.join(run_dir, "run.json"), json.dumps(record).encode())
+        release_lock()  # only now: a run is another process's to take once its run.json is there
+        trained += [run.name] if turn == "train" else []
+        records.append(record)
+    return records, trained, left
+
+def join_processes(device):
+    """Under torchrun, (this process's device, True) in a process group with the others: its all-reduce averages
+    the gradients (NCCL between GPUs, gloo between CPU processes). Without torchrun, (device, False)."""
+    if "RANK" not in os.environ:
+        return device, False
+    if device.type == "cuda":  # torchrun starts one process per device and tells each its rank
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    # until the processes have met nothing is held or written, so SIGTERM (a launcher's death: see the imports)
+    # ends this process at once, even inside the rendezvous, where Python's handler would wait. They meet within
+    # START_TIMEOUT or end; then a collective may wait torch's default half hour, as the other ranks wait at the
+    # next all-reduce while the master alone evaluates and checkpoints
+    handler = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=START_TIMEOUT))
+    dist.barrier()
+    signal.signal(signal.SIGTERM, handler)
+    dist.distributed_c10d._set_pg_timeout(timedelta(minutes=30))
+    return device, True
+
+def agree(setup, decide):
+    """decide() on the master, its answer on every rank: all ranks go on together, or all stop at once with the
+    master's one line ("error: ..."). A check one rank makes alone (the locks are the master's) must not leave
+    the others in a collective that waits for it."""
+    try:
+        answer = decide() if setup.rank == 0 else None
+    except SystemExit as e:
+        answer = e
+    shared = [answer]
+    if setup.ddp:
+        dist.broadcast_object_list(shared, src=0)
+    if isinstance(shared[0], SystemExit):
+        raise SystemExit(shared[0].code)
+    return shared[0]
+
+def end_of_sweep(args, trained, left):
+    """The table of every finished run in the folder (report.write_results rebuilds it from their run.json, so the
+    last process of a shared sweep to finish writes the complete one) and, in a shared sweep, who trained what."""
+    baseline = args.baseline or BASELINE
+    finished, fits = write_results(args.out_dir, None, args.baseline)
+    print_summary(finished, fits, baseline)
+    print(f"{outcome(finished, baseline)}\nresults: {args.out_dir}/results.csv, plot: "
+          f"{args.out_dir}/loss_vs_cost.png\nwhat the repository's studies found: RESULTS.md")
+    done, others = {r.run.name for r in finished}, []
+    for name in left:  # trained elsewhere, in training elsewhere, or left unfinished by a process that ended
+        pid = other_process_on(os.path.join(args.out_dir, name))
+        others.append(f"{name} ({'finished' if name in done else f'in process {pid}' if pid else 'unfinished'})")
+    if left:
+        print(f"shared sweep: trained here {', '.join(trained) or 'none'}; by others {', '.join(others)}")
+    if set(left) - done:
+        print(f"when they are finished (--resume continues an unfinished one), the table of every run: "
+              f"python report.py {args.out_dir}")
+
 def plan_runs(args, grid, meta, n_train, n_val, world_size):
-    """(Run, its plan) per budget x seed x variant, every flag, setting and file checked before any compute;
-    then this process holds the lock of each run's folder."""
+    """(Run, its plan) per budget x seed x variant, every flag, setting and file checked before any compute."""
     # the flags every run shares; a variant's own settings are checked by make_run and GPTConfig
     check_flags(args, ("batch_size", "grad_accum", "eval_points", "eval_iters", "log_interval"), [
         ("budget_steps", min(grid.budget_steps, default=0) >= 1, ">= 1"),
@@ -242,20 +309,21 @@ def plan_runs(args, grid, meta, n_train, n_val, world_size):
                 f"needs more tokens than the data has (train {n_train}, val {n_val})")
         check_earlier_run(run, os.path.join(args.out_dir, run.name), args.resume)
     check_folder(args.out_dir, [run for run, _ in runs])
-    lock_runs([run for run, _ in runs], args.out_dir)
     return runs
 
 def check_earlier_run(run, run_dir, resume):
     """A folder that holds the run already (finished: run.json, or interrupted: ckpt.pt) is continued only
     with --resume, and only if it was the same run: a resumed run must be the run it claims to be. Its files are
-    read whole here, before any compute: a damaged one stops now, not when the run's turn comes."""
+    read whole here, before any compute: a damaged one stops now, not when the run's turn comes. A folder that a
+    live process of a shared sweep has locked needs no --resume: its files are that sweep's."""
     # a folder where the run keeps a file (mkdir run.json, say) is named now, not met mid-run as "Is a directory"
     for path in [os.path.join(run_dir, name) for name in ("run.json", "ckpt.pt", "lock")] + temporaries(run_dir):
         require_file(path)
     path = next((p for p in (f"{run_dir}/run.json", f"{run_dir}/ckpt.pt") if os.path.exists(p)), None)
     if path is None:
         return
-    require(resume, f"{path} exists: pass --resume to continue it, or use another --out_dir")
+    require(resume or other_process_on(run_dir), f"{path} exists: pass --resume to continue it, or use another "
+            f"--out_dir")
     saved = read_record(path).run if path.endswith(".json") else read_run(read_checkpoint(path)["run"])
     # every setting that changed, "name: old -> new", so the user sees which flag to give back
     diff = [f"{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
@@ -264,29 +332,55 @@ def check_earlier_run(run, run_dir, resume):
     require(saved == run, f"{path} was written by a run with another configuration "
                           f"({'; '.join(diff)}): resume with its flags or use another --out_dir")
 
-def lock_runs(runs, out_dir):
-    """The master holds a lock on each run's folder: two processes training one run would write the same
-    checkpoint in turns, each resuming from the other's. The OS releases a lock when its process ends,
-    even by kill -9, so a lock is never left behind; several processes may share an out_dir if their
-    runs differ."""
-    while LOCKS:  # those of an earlier call in this process (tests, notebooks) are released first
-        LOCKS.pop().close()
+def take_run(run, run_dir):
+    """Whose turn a run is, decided by the master: ("held", the pid of the process that trains it), ("done", its
+    finished run.json), or ("train", None), this process holding the run's lock."""
+    pid = lock_run(run_dir)
+    if pid is not None:
+        return "held", pid
+    check_earlier_run(run, run_dir, resume=True)  # files since plan_runs: another process's, of this run?
+    saved = read_json(os.path.join(run_dir, "run.json"))
+    return ("done", saved) if saved is not None else ("train", None)
+
+def lock_run(run_dir):
+    """Take the lock of a run's folder, or return the pid of the process that holds it: two processes training one
+    run would write one checkpoint in turns. The OS releases a lock when its process ends, even by kill -9."""
     try:
-        for run in runs if os.environ.get("RANK", "0") == "0" else []:
-            run_dir = os.path.join(out_dir, run.name)
-            os.makedirs(run_dir, exist_ok=True)
-            LOCKS.append(open(os.path.join(run_dir, "lock"), "w"))
-            fcntl.flock(LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
-            remove_temporaries(run_dir)  # with the lock held this process is the folder's only writer
+        os.makedirs(run_dir, exist_ok=True)
+        lock = open(os.path.join(run_dir, "lock"), "a+")  # not "w": opening must not erase the holder's pid
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        require(False, f"{LOCKS[-1].name} is held by another process: wait for it or use another --out_dir")
+        with lock:
+            lock.seek(0)
+            return lock.read().strip() or "unknown"  # "unknown": it took the lock an instant ago
     except OSError as e:
-        require(False, f"--out_dir {out_dir}: {e.strerror}: choose another folder")
+        require(False, f"--out_dir {os.path.dirname(run_dir)}: {e.strerror}: choose another folder")
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")  # for the messages of the others (other_process_on)
+    lock.flush()
+    LOCKS.append(lock)
+    remove_temporaries(run_dir)  # with the lock held this process is the folder's only writer
+
+def release_lock():
+    """Close the lock file of the run this process held, if any, which releases the lock."""
+    while LOCKS:
+        LOCKS.pop().close()
+
+def other_process_on(run_dir):
+    """The pid written in a run folder's lock if that process is alive and not this one: another process of a
+    shared sweep, training the run or done with it. A lock is taken only by take_run: this only reads."""
+    try:
+        with open(os.path.join(run_dir, "lock")) as f:
+            pid = int(f.read())
+        os.kill(pid, 0)  # signal 0 checks that the process exists and sends nothing
+    except (OSError, ValueError):  # no lock file, no pid in it yet, or no such process
+        return None
+    return pid if pid != os.getpid() else None
 
 def check_folder(out_dir, runs):
     """The folder's own files, before any compute: the comparison ends by rebuilding them from every finished run in
     out_dir (report.write_results), so each must be whole and comparable with these runs; and what a kill -9 in the
-    middle of writing them left goes, as the run folders' temporaries do (lock_runs)."""
+    middle of writing them left goes, as the run folders' temporaries do (lock_run)."""
     if not os.path.isdir(out_dir):
         return
     for name in ("results.csv", "budget_fits.json", "loss_vs_cost.png"):
@@ -337,8 +431,7 @@ def make_run(args, spec, budget_steps, seed, meta, world_size):
     return Run(name, variant, model, train), (steps, target)
 
 def vocab_size(meta):
-    """GPT-2's 50257 padded to 50304 as nanoGPT does (a multiple of 64 keeps the LM head fast on GPUs);
-    other vocabularies stay exact, so sampling never draws an id that has no text."""
+    """GPT-2's 50257 padded to 50304 as nanoGPT does (fast on GPUs); others exact (no id without text)."""
     return -(-meta["vocab_size"] // 64) * 64 if meta["tokenizer"] == "gpt2" else meta["vocab_size"]
 
 def baseline_budget(args, vocab, budget_steps, world_size):
@@ -361,9 +454,8 @@ def step_cost(config, unit, tokens_per_step):
     return rins.cost_per_token(model, unit, config.block_size) * tokens_per_step
 
 def read_checkpoint(path):
-    """A checkpoint's content, loaded on the CPU with weights_only=True (torch.load would otherwise run whatever
-    code a file it is given contains) and checked whole before any compute: every part save_checkpoint writes, and
-    weights of the shapes of its run's model (built on the meta device: no memory, no compute)."""
+    """A checkpoint, loaded with weights_only=True (else torch.load runs any code a file holds) and checked whole
+    before any compute: every part save_checkpoint writes, weights of its run's model's shapes (on the meta device)."""
     fix = "point to a run's ckpt.pt, or delete it to train that run again"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -377,13 +469,6 @@ def read_checkpoint(path):
     require(parts["state"] >= set(new_progress()) and parts["rng"] >= {"torch", "data", "skip"} and shapes == expected,
             f"{path} is not a train.py checkpoint (its state, rng or weights are incomplete): {fix}")
     return ckpt
-
-def check_device(name):
-    """--device as a torch.device; a device that is not there stops now, not at the first tensor."""
-    try:
-        return rins.parse_device(name)
-    except ValueError as e:
-        raise SystemExit(f"error: --device: {e}")
 
 def get_batch(data, ix, block_size, device):
     """Inputs and next-token targets for the sequences starting at positions ix of a token memmap.
