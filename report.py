@@ -674,6 +674,13 @@ def short(variant):
     words = [SHORT[k].format(v) for k, v in (s.split("=", 1) for s in settings) if k in SHORT and v not in ("0", "")]
     return ", ".join([signature] + [" ".join(words)] * bool(words)).replace(", + adapters", " + adapters")
 
+def legend_names(records):
+    """variant -> its legend name: short(variant), with its learning rate where two variants would share a name."""
+    names = {r.run.variant: short(r.run.variant) for r in records}
+    shared = {n for n in names.values() if list(names.values()).count(n) > 1}
+    return {v: n + (f", lr {next(r.run.train.learning_rate for r in records if r.run.variant == v):g}"
+                    if n in shared else "") for v, n in names.items()}
+
 def legend_below(fig, axes, **kw):
     """One legend for the figure, under its panels: a legend drawn over the lines hides the points it names. A
     label drawn in several panels (the same variant) is listed once."""
@@ -752,14 +759,16 @@ def plot_report(records, rows, baseline, path):
 def plot_study(records, rows, baseline, path):
     """Left: final val loss against training compute (mean ± std over seeds). Middle: final val loss against
     the rounds run at inference, at the largest budget. Right: the effective-compute ratio."""
-    fig, (loss, rounds, ratio) = new_figure(3, describe(records), height=4.2)
+    labels = legend_names(records)
+    # the legend under the panels takes a line per two names: the figure grows with it, the panels do not shrink
+    fig, (loss, rounds, ratio) = new_figure(3, describe(records), height=3.4 + 0.2 * len(labels))
     style = styles(records)
     spent = {r.run.name: executed_flops(r) for r in records}  # once: an older run's is rebuilt from its counts
     for variant, by_budget in cells(records).items():
         flops = [statistics.fmean(spent[r.run.name] for r in runs) for runs in by_budget.values()]
         final = [[trained_loss(r) for r in runs] for runs in by_budget.values()]
         loss.errorbar(flops, [np.mean(f) for f in final], yerr=[spread(f) for f in final], capsize=3, ms=5,
-                      label=f"{short(variant)} ({seeds(final)})", **style[variant])
+                      label=f"{labels[variant]} ({seeds(final)})", **style[variant])
     if records[0]["floor"] is not None:
         loss.axhline(records[0]["floor"], color="grey", linestyle="--", linewidth=1, label="exact floor (entropy)")
     by_budget = {}
@@ -785,7 +794,8 @@ def plot_study(records, rows, baseline, path):
 def plot_rounds(ax, records, style):
     """The largest budget's final val loss at each rounds run at inference: a flat line is a model without
     rounds (the level to read the others against); rounds 1 of a recursive model costs what AB does."""
-    top = max(r.run.train.budget_steps for r in records)
+    # the largest budget a recursive layout ran at (a baseline-only budget has no rounds to show)
+    top = max(r.run.train.budget_steps for r in [r for r in records if r["trained_rounds"]] or records)
     for variant, by_budget in cells(records).items():
         runs = by_budget.get(top)
         if runs:
