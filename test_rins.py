@@ -2329,12 +2329,13 @@ def final_loss(record):
     """A run's final validation loss as trained, read straight from its record (not report.trained_loss)."""
     return next(e["val_loss"] for e in record["evals"] if e["rounds"] == record["trained_rounds"])
 
-def committed_ratios(folder):
+def committed_ratios(folder, runs=None):
     """(variant, budget_steps) -> (AB's tokens per parameter, [(ratio, bound)] in applications, the same in FLOPs),
-    from the run.json files alone, written out apart from report.effective_compute: the baseline AB's final loss,
-    averaged over seeds at each budget, its running best, the compute at a loss read between the two budgets
-    that bracket it, linearly in log compute; beyond AB's budgets, the ratio at the nearest end as a bound."""
-    runs, final = committed_runs(folder), final_loss
+    from the run.json files alone (those of results/<folder>, or runs), written out apart from
+    report.effective_compute: the baseline AB's final loss, averaged over seeds at each budget, its running best,
+    the compute at a loss read between the two budgets that bracket it, linearly in log compute; beyond AB's
+    budgets, the ratio at the nearest end as a bound."""
+    runs, final = runs or committed_runs(folder), final_loss
     ab = [r for r in runs if r["run"]["variant"] == "AB"]
     # the FLOPs a run executed: the accounting itself is tested under "compute accounting"
     flops = {r["run"]["name"]: report.executed_flops(r) for r in runs}
@@ -2439,6 +2440,64 @@ def test_results_md_depth_tables_agree_with_the_committed_runs():
         assert ab[0]["run"]["model"]["n_layer"] == int(layers)
         assert (f"{np.mean([r['tokens_per_param'] for r in ab]):.1f}", f"{np.mean([r['epochs'] for r in ab]):.3f}") \
             == (per_param, epochs)
+
+def test_results_md_signature_sweep_agrees_with_the_committed_runs():
+    """The signature sweep's table in RESULTS.md, recomputed from run.json: each layout's k (its executed FLOPs
+    per token over AB's), and at each budget its final loss, its ratio in FLOPs against results/depth8's AB and
+    m = ratio x k, over seeds; and how many of its runs reached AB's loss at the same seed and budget."""
+    text = open(os.path.join(ROOT, "RESULTS.md")).read()
+    section = text.split("### The sweep (`results/depth8_layouts`")[1]
+    header, body = re.search(r"^\| layout \| k \|(.*)\| at or below AB, same seed and budget \|\n\|[-|]+\|\n((?:\|.*\|\n)+)",
+                             section, re.M).groups()
+    depth8 = [r for r in committed_runs("depth8") if r["run"]["variant"] in ("AB", "A2B", "A3B")]
+    runs = committed_runs("depth8_layouts") + depth8
+    ab = [r for r in runs if r["run"]["variant"] == "AB"]
+    ratios = committed_ratios(None, runs)
+    per_token = lambda r: report.executed_flops(r) / r["tokens"]
+    ab_per_token = {per_token(r) for r in ab}
+    assert len(ab_per_token) == 1  # AB's FLOPs per token do not depend on its budget or seed
+    ab_per_token = ab_per_token.pop()
+    k_of = lambda variant: per_token(next(r for r in runs if r["run"]["variant"] == variant)) / ab_per_token
+    key = lambda r: (r["run"]["train"]["budget_steps"], r["run"]["train"]["seed"])
+    ab_loss = {key(r): final_loss(r) for r in ab}
+    budgets = []
+    for column in header.split("|"):
+        budget, per_param = re.fullmatch(r" (\d+) \((\d+) t/p\): loss; ratio; m ", column).groups()
+        budgets.append(int(budget))
+        assert round(np.mean([r["tokens_per_param"] for r in ab if r["run"]["train"]["budget_steps"] == int(budget)])) \
+            == int(per_param)
+    layouts = set()
+    for line in body.splitlines():
+        name, k, *cells, reached = [c.strip() for c in line.strip("|").split("|")]
+        variant = name.split("`")[1]
+        layouts.add(variant)
+        of = [r for r in runs if r["run"]["variant"] == variant]
+        ks = {per_token(r) / ab_per_token for r in of}
+        assert max(ks) - min(ks) < 1e-9 and k == f"{min(ks):.2f}"
+        for budget, cell in zip(budgets, cells, strict=True):
+            group = [r for r in of if r["run"]["train"]["budget_steps"] == budget]
+            in_flops = ratios[variant, budget][2] if group else []
+            m = [(x * min(ks), bound) for x, bound in in_flops]
+            assert cell == (f"{written([final_loss(r) for r in group], 3)}; ×{written_ratio(in_flops)}; "
+                            f"m {written_ratio(m)} ({len(group)})" if group else "")
+        shown = [r for r in of if r["run"]["train"]["budget_steps"] in budgets]
+        assert reached == f"{sum(final_loss(r) <= ab_loss[key(r)] for r in shown)} of {len(shown)}"
+    assert {r["run"]["variant"] for r in runs} - {"AB"} == layouts  # every layout has its row
+    # the rule's equal-cost test: how often each layout's loss was below each other layout's of its k, same seed
+    loss = {(r["run"]["variant"], *key(r)): final_loss(r) for r in runs}
+    pairs = [(budget, seed) for budget in (2800, 5600) for seed in (0, 1, 2)]
+    rows = re.findall(r"^\| ([0-9.]+) \| `(\w+)` \| ((?:`\w+` \d(?:, )?)+) \|$", section, re.M)
+    assert len(rows) == 10
+    for k, variant, counts in rows:
+        others = re.findall(r"`(\w+)` (\d)", counts)
+        assert {f"{k_of(v):.2f}" for v in [variant] + [v for v, _ in others]} == {k}  # compared at one cost
+        for other, count in others:
+            assert int(count) == sum(loss[variant, *pair] < loss[other, *pair] for pair in pairs), (variant, other)
+    # the two layouts run at 13,100 are the protocol's: the highest mean m over the cells at 2,800 and 5,600
+    m = {v: k_of(v) * np.mean([x for budget in (2800, 5600) for x, _ in ratios[v, budget][2]])
+         for v in layouts - {"A2B", "A3B"}}
+    longest = {r["run"]["variant"] for r in committed_runs("depth8_layouts") if r["run"]["train"]["budget_steps"] == 13100}
+    assert longest == set(sorted(m, key=m.get)[-2:])
 
 def anchor(heading):
     """GitHub's anchor of a Markdown heading: lower case, spaces to hyphens, other punctuation dropped."""
