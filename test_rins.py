@@ -2498,6 +2498,13 @@ def test_results_md_signature_sweep_agrees_with_the_committed_runs():
          for v in layouts - {"A2B", "A3B"}}
     longest = {r["run"]["variant"] for r in committed_runs("depth8_layouts") if r["run"]["train"]["budget_steps"] == 13100}
     assert longest == set(sorted(m, key=m.get)[-2:])
+    # at inference: r + 1 rounds and one round against the trained r, per run
+    recursive = [r for r in committed_runs("depth8_layouts") if r["trained_rounds"] is not None]
+    at = lambda r, rounds: next(e["val_loss"] for e in r["evals"] if e["rounds"] == rounds)
+    more = [at(r, r["trained_rounds"] + 1) - final_loss(r) for r in recursive]
+    one = [at(r, 1) - final_loss(r) for r in recursive]
+    assert (f"in each of the {len(recursive)} runs with rounds to vary (`ABAB` has none) one round more was worse by "
+            f"{min(more):.2f}-{max(more):.2f} nats and one round by {min(one):.2f}-{max(one):.2f}") in " ".join(section.split())
 
 def anchor(heading):
     """GitHub's anchor of a Markdown heading: lower case, spaces to hyphens, other punctuation dropped."""
