@@ -43,7 +43,7 @@ def parse_signature(signature):
     """Return (letters, degree): repeats expanded ("A3B" -> "AAAB"), degree 1 unless "(...)d".
 
     Grammar: a signature is a string of block letters A, B, C, ..., each followed by an optional
-    repeat count (ASCII digits, >= 1); the k distinct letters used must be exactly the first k
+    repeat count (ASCII digits, >= 1); the n distinct letters used must be exactly the first n
     letters of the alphabet. "(SIG)d" applies SIG inside its own blocks d times (the paper's
     degree, its Figure 1); a bare signature has degree 1. Groups cannot nest and must enclose the
     whole signature. Anything else raises ValueError naming the problem and its 0-based position.
@@ -106,7 +106,7 @@ def unexpected_character(c, grouped):
 def signature_units(signature, n_layer):
     """The signature's top-level units: one list of layer indices per letter, in execution order.
 
-    The n_layer layers are cut into k equal consecutive chunks, A first; a letter that appears
+    The n_layer layers are cut into n equal consecutive chunks, A first; a letter that appears
     again reuses its chunk's weights. For degree d each unit is itself the signature applied
     (d - 1 times) inside that letter's chunk:
 
@@ -114,7 +114,7 @@ def signature_units(signature, n_layer):
                           = concat(expand(chunk(letter), d - 1) for letter in letters)
 
     so "(A3B)2" over 12 layers has units A', A', A', B' with A' = [0,1,2] x 3 + [3,4,5] and
-    B' = [6,7,8] x 3 + [9,10,11]. Degree d needs n_layer divisible by k^d.
+    B' = [6,7,8] x 3 + [9,10,11]. Degree d needs n_layer divisible by n^d.
     """
     letters, degree = parse_signature(signature)
     k = len(set(letters))

@@ -2329,13 +2329,17 @@ def final_loss(record):
     """A run's final validation loss as trained, read straight from its record (not report.trained_loss)."""
     return next(e["val_loss"] for e in record["evals"] if e["rounds"] == record["trained_rounds"])
 
-def committed_ratios(folder, runs=None):
+def committed_ratios(folder):
+    """ratios_of the runs of results/<folder>."""
+    return ratios_of(committed_runs(folder))
+
+def ratios_of(runs):
     """(variant, budget_steps) -> (AB's tokens per parameter, [(ratio, bound)] in applications, the same in FLOPs),
-    from the run.json files alone (those of results/<folder>, or runs), written out apart from
-    report.effective_compute: the baseline AB's final loss, averaged over seeds at each budget, its running best,
-    the compute at a loss read between the two budgets that bracket it, linearly in log compute; beyond AB's
-    budgets, the ratio at the nearest end as a bound."""
-    runs, final = runs or committed_runs(folder), final_loss
+    from the run.json records alone, written out apart from report.effective_compute: the baseline AB's final
+    loss, averaged over seeds at each budget, its running best, the compute at a loss read between the two
+    budgets that bracket it, linearly in log compute; beyond AB's budgets, the ratio at the nearest end as a
+    bound."""
+    final = final_loss
     ab = [r for r in runs if r["run"]["variant"] == "AB"]
     # the FLOPs a run executed: the accounting itself is tested under "compute accounting"
     flops = {r["run"]["name"]: report.executed_flops(r) for r in runs}
@@ -2422,7 +2426,7 @@ def test_results_md_depth_tables_agree_with_the_committed_runs():
                 ratio = "" if variant == "AB" or not group else f"; ×{written_ratio(ratios[variant, budget][2])}"
                 assert cell == (f"{written([final(r) for r in group], 3)}{ratio} ({len(group)})" if group else "")
     gains = re.findall(r"^\| `(\w+)` \((\d+)\) \| `([^`]+)` \| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| "
-                       r"(own|matched) \| ([-+][0-9.]+) \| ([-+][0-9.]+) \| ([-+][0-9.]+) \|$", text, re.M)
+                       r"(own|matched) \| ([-+][0-9.]+) \| ([-+][0-9.]+) \| ([-+][0-9.]+)? ?\| ([-+][0-9.]+) \|$", text, re.M)
     assert sorted({(folder, int(layers)) for folder, layers, *_ in gains}) == [("depth16", 16), ("depth8", 8), ("regime_w32", 4)]
     assert ("depth16", "2800", "matched") in {(folder, budget, kind) for folder, _, _, budget, _, _, kind, *_ in gains}
     for folder, layers, variant, budget, per_param, epochs, pairing, *quoted in gains:
@@ -2436,30 +2440,37 @@ def test_results_md_depth_tables_agree_with_the_committed_runs():
         if pairing == "matched":  # the same warm-up in steps, or it is no twin
             assert {r["run"]["train"]["warmup_steps"] for r in twins} == \
                 {r["run"]["train"]["warmup_steps"] for r in of(folder, variant, int(budget))}
-        assert quoted == [f"{d:+.4f}" for d in deltas[:2]] + [f"{np.mean(deltas):+.4f}"]
+        seed2 = [f"{d:+.4f}" for d in deltas[2:]] or [""]  # a third pair where both seeds 2 exist
+        assert quoted == [f"{d:+.4f}" for d in deltas[:2]] + seed2 + [f"{np.mean(deltas):+.4f}"]
         assert ab[0]["run"]["model"]["n_layer"] == int(layers)
         assert (f"{np.mean([r['tokens_per_param'] for r in ab]):.1f}", f"{np.mean([r['epochs'] for r in ab]):.3f}") \
             == (per_param, epochs)
 
 def test_results_md_signature_sweep_agrees_with_the_committed_runs():
-    """The signature sweep's table in RESULTS.md, recomputed from run.json: each layout's k (its executed FLOPs
-    per token over AB's), and at each budget its final loss, its ratio in FLOPs against results/depth8's AB and
-    m = ratio x k, over seeds; and how many of its runs reached AB's loss at the same seed and budget."""
+    """The signature sweep in RESULTS.md, recomputed from run.json: its table (each layout's k, its executed
+    FLOPs per token over AB's; at each budget its final loss, its ratio in FLOPs against results/depth8's AB and
+    m = ratio x k, over seeds; how many of its runs reached AB's loss at the same seed and budget), the pair
+    counts of its equal-cost test, the choice of the layouts run at 13,100, and its rounds at inference."""
     text = open(os.path.join(ROOT, "RESULTS.md")).read()
-    section = text.split("### The sweep (`results/depth8_layouts`")[1]
+    section = text.split("### The sweep (`results/depth8_layouts`)")[1].split("\n## ")[0]
     header, body = re.search(r"^\| layout \| k \|(.*)\| at or below AB, same seed and budget \|\n\|[-|]+\|\n((?:\|.*\|\n)+)",
                              section, re.M).groups()
-    depth8 = [r for r in committed_runs("depth8") if r["run"]["variant"] in ("AB", "A2B", "A3B")]
-    runs = committed_runs("depth8_layouts") + depth8
+    sweep = committed_runs("depth8_layouts")
+    runs = sweep + [r for r in committed_runs("depth8") if r["run"]["variant"] in ("AB", "A2B", "A3B")]
     ab = [r for r in runs if r["run"]["variant"] == "AB"]
-    ratios = committed_ratios(None, runs)
-    per_token = lambda r: report.executed_flops(r) / r["tokens"]
-    ab_per_token = {per_token(r) for r in ab}
-    assert len(ab_per_token) == 1  # AB's FLOPs per token do not depend on its budget or seed
-    ab_per_token = ab_per_token.pop()
-    k_of = lambda variant: per_token(next(r for r in runs if r["run"]["variant"] == variant)) / ab_per_token
+    ratios = ratios_of(runs)
     key = lambda r: (r["run"]["train"]["budget_steps"], r["run"]["train"]["seed"])
     ab_loss = {key(r): final_loss(r) for r in ab}
+
+    def per_token(r):
+        return report.executed_flops(r) / r["tokens"]
+    (ab_per_token,) = {per_token(r) for r in ab}  # one value: AB's cost per token depends on no budget or seed
+    k = {}
+    for r in runs:
+        k.setdefault(r["run"]["variant"], set()).add(per_token(r) / ab_per_token)
+    assert all(max(ks) - min(ks) < 1e-9 for ks in k.values())  # so is every layout's
+    k = {variant: min(ks) for variant, ks in k.items()}
+
     budgets = []
     for column in header.split("|"):
         budget, per_param = re.fullmatch(r" (\d+) \((\d+) t/p\): loss; ratio; m ", column).groups()
@@ -2468,43 +2479,57 @@ def test_results_md_signature_sweep_agrees_with_the_committed_runs():
             == int(per_param)
     layouts = set()
     for line in body.splitlines():
-        name, k, *cells, reached = [c.strip() for c in line.strip("|").split("|")]
+        name, quoted_k, *cells, reached = [c.strip() for c in line.strip("|").split("|")]
         variant = name.split("`")[1]
         layouts.add(variant)
         of = [r for r in runs if r["run"]["variant"] == variant]
-        ks = {per_token(r) / ab_per_token for r in of}
-        assert max(ks) - min(ks) < 1e-9 and k == f"{min(ks):.2f}"
+        assert quoted_k == f"{k[variant]:.2f}"
         for budget, cell in zip(budgets, cells, strict=True):
             group = [r for r in of if r["run"]["train"]["budget_steps"] == budget]
             in_flops = ratios[variant, budget][2] if group else []
-            m = [(x * min(ks), bound) for x, bound in in_flops]
+            m = [(x * k[variant], bound) for x, bound in in_flops]
             assert cell == (f"{written([final_loss(r) for r in group], 3)}; ×{written_ratio(in_flops)}; "
                             f"m {written_ratio(m)} ({len(group)})" if group else "")
         shown = [r for r in of if r["run"]["train"]["budget_steps"] in budgets]
         assert reached == f"{sum(final_loss(r) <= ab_loss[key(r)] for r in shown)} of {len(shown)}"
-    assert {r["run"]["variant"] for r in runs} - {"AB"} == layouts  # every layout has its row
+    assert layouts == set(k) - {"AB"}  # every layout has its row
+
     # the rule's equal-cost test: how often each layout's loss was below each other layout's of its k, same seed
     loss = {(r["run"]["variant"], *key(r)): final_loss(r) for r in runs}
     pairs = [(budget, seed) for budget in (2800, 5600) for seed in (0, 1, 2)]
     rows = re.findall(r"^\| ([0-9.]+) \| `(\w+)` \| ((?:`\w+` \d(?:, )?)+) \|$", section, re.M)
-    assert len(rows) == 10
-    for k, variant, counts in rows:
+    assert {variant for _, variant, _ in rows} == layouts - {"A2BCDEFGH"}  # the one layout alone at its cost
+    for quoted_k, variant, counts in rows:
         others = re.findall(r"`(\w+)` (\d)", counts)
-        assert {f"{k_of(v):.2f}" for v in [variant] + [v for v, _ in others]} == {k}  # compared at one cost
+        same_cost = {v for v in layouts if f"{k[v]:.2f}" == quoted_k}
+        assert f"{k[variant]:.2f}" == quoted_k and {v for v, _ in others} == same_cost - {variant}
         for other, count in others:
             assert int(count) == sum(loss[variant, *pair] < loss[other, *pair] for pair in pairs), (variant, other)
-    # the two layouts run at 13,100 are the protocol's: the highest mean m over the cells at 2,800 and 5,600
-    m = {v: k_of(v) * np.mean([x for budget in (2800, 5600) for x, _ in ratios[v, budget][2]])
-         for v in layouts - {"A2B", "A3B"}}
-    longest = {r["run"]["variant"] for r in committed_runs("depth8_layouts") if r["run"]["train"]["budget_steps"] == 13100}
-    assert longest == set(sorted(m, key=m.get)[-2:])
-    # at inference: r + 1 rounds and one round against the trained r, per run
-    recursive = [r for r in committed_runs("depth8_layouts") if r["trained_rounds"] is not None]
+
+    # the layouts run at 13,100 are the protocol's: of the new ones, the two of highest mean m at 2,800 and 5,600
+    m = {v: k[v] * np.mean([x for budget in (2800, 5600) for x, _ in ratios[v, budget][2]]) for v in layouts}
+    new = sorted(layouts - {"A2B", "A3B"}, key=m.get)  # A2B and A3B ran at 13,100 in results/depth8 already
+    longest = {r["run"]["variant"] for r in sweep if r["run"]["train"]["budget_steps"] == 13100}
+    assert longest == set(new[-2:])
+    prose = " ".join(section.split())
+    assert (f"were `{new[-1]}` ({m[new[-1]]:.2f}) and `{new[-2]}` ({m[new[-2]]:.2f}), then `{new[-3]}` "
+            f"({m[new[-3]]:.2f}); `A2B`, run at 13,100 before, read {m['A2B']:.2f}") in prose
+
+    # the span of the new layouts' mean ratios, as the index, the section's summary and the README quote it
+    means = [np.mean([x for x, _ in in_flops]) for (v, _), (_, _, in_flops) in ratios.items() if v in new]
+    span = f"{min(means):.2f}-{max(means):.2f}"
+    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    assert f"the nine new layouts' ratios {span}" in text and f"the nine new layouts' mean ratios {span}" in text
+    assert f"no new layout's ratio reached 1 (means {span}" in readme
+
+    # at inference: the trained rounds best in every run with rounds; r + 1 and one round against them
+    recursive = [r for r in sweep if r["trained_rounds"] is not None]
+    assert all(min(r["evals"], key=lambda e: e["val_loss"])["rounds"] == r["trained_rounds"] for r in recursive)
     at = lambda r, rounds: next(e["val_loss"] for e in r["evals"] if e["rounds"] == rounds)
     more = [at(r, r["trained_rounds"] + 1) - final_loss(r) for r in recursive]
     one = [at(r, 1) - final_loss(r) for r in recursive]
     assert (f"in each of the {len(recursive)} runs with rounds to vary (`ABAB` has none) one round more was worse by "
-            f"{min(more):.2f}-{max(more):.2f} nats and one round by {min(one):.2f}-{max(one):.2f}") in " ".join(section.split())
+            f"{min(more):.2f}-{max(more):.2f} nats and one round by {min(one):.2f}-{max(one):.2f}") in prose
 
 def anchor(heading):
     """GitHub's anchor of a Markdown heading: lower case, spaces to hyphens, other punctuation dropped."""
@@ -2513,9 +2538,11 @@ def anchor(heading):
 def test_results_md_index_names_every_folder_and_links_resolve():
     text = open(os.path.join(ROOT, "RESULTS.md")).read()
     index = text.split("## Study index")[1].split("\n### ")[0]
-    anchors = {anchor(h) for h in re.findall(r"^#+ (.*)$", text, re.M)}
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)  # a shell comment in a code block is no heading
+    anchors = {anchor(h) for h in re.findall(r"^#+ (.*)$", prose, re.M)}
     links = re.findall(r"\]\(#([^)]+)\)", text)  # the index's and every other link within RESULTS.md
-    assert re.search(r"\]\(#", index) and all(link in anchors for link in links), [l for l in links if l not in anchors]
+    missing = [link for link in links if link not in anchors]
+    assert re.search(r"\]\(#", index) and not missing, missing
     named = {name.split("/")[0] for name in re.findall(r"^\| ((?:`[\w/*.]+`(?:, )?)+) \|", index, re.M)
              for name in re.findall(r"`([\w/*.]+)`", name)}
     folders = {f for f in os.listdir(os.path.join(ROOT, "results")) if os.path.isdir(os.path.join(ROOT, "results", f))}
