@@ -1207,8 +1207,9 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(data_dir, tmp
     # the default evaluation and log intervals: the ranks must agree on when to all-reduce
     flags = TINY + ["--data_dir", data_dir, "--variants", "A3B:p_skip=0.5:adapters=1", "--budget_steps", "30",
                     "--eval_points", "10", "--log_interval", "10", "--budget_unit", "applications"]
-    subprocess.run(TORCHRUN + flags + ["--out_dir", str(tmp_path / "ddp")], check=True, env=ONE_THREAD, cwd=ROOT,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ddp_run = subprocess.run(TORCHRUN + flags + ["--out_dir", str(tmp_path / "ddp")], env=ONE_THREAD, cwd=ROOT,
+                             capture_output=True, text=True)
+    assert ddp_run.returncode == 0, ddp_run.stderr[-3000:]
     (single,) = train.main(flags + ["--out_dir", str(tmp_path / "one"), "--batch_size", "4"])
     ddp = json.load(open(tmp_path / "ddp" / single["run"]["name"] / "run.json"))
     assert ddp["run"]["train"]["world_size"] == 2 and ddp["run"]["train"]["batch_size"] == 2

@@ -16,6 +16,7 @@ figures (python report.py DIR); bench.py measures speed.
 import argparse
 import ctypes
 import fcntl
+import gc
 import json
 import math
 import os
@@ -204,6 +205,9 @@ def compare(args, grid):
     finally:
         release_lock()
         if dist.is_initialized():
+            # DDP's wrapper holds the process group from within reference cycles: freed now, while the interpreter
+            # is whole, not at its exit, where gloo's threads meet it and abort the process (1 torchrun in 16)
+            gc.collect()
             dist.destroy_process_group()
     # a process that found nothing to train, every run it did not find finished being another's, was not needed
     if left and not trained:
