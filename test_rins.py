@@ -2474,10 +2474,11 @@ def test_results_md_signature_sweep_agrees_with_the_committed_runs():
 
     budgets = []
     for column in header.split("|"):
-        budget, per_param = re.fullmatch(r" (\d+) \((\d+) t/p\): loss; ratio; m ", column).groups()
+        budget, per_param, epochs = re.fullmatch(r" (\d+) \((\d+) t/p, ([0-9.]+) ep\): loss; ratio; m ", column).groups()
         budgets.append(int(budget))
-        assert round(np.mean([r["tokens_per_param"] for r in ab if r["run"]["train"]["budget_steps"] == int(budget)])) \
-            == int(per_param)
+        at_budget = [r for r in ab if r["run"]["train"]["budget_steps"] == int(budget)]
+        assert round(np.mean([r["tokens_per_param"] for r in at_budget])) == int(per_param)
+        assert f"{np.mean([r['epochs'] for r in at_budget]):.2f}" == epochs
     layouts = set()
     for line in body.splitlines():
         name, quoted_k, *cells, reached = [c.strip() for c in line.strip("|").split("|")]

@@ -205,8 +205,7 @@ def compare(args, grid):
     finally:
         release_lock()
         if dist.is_initialized():
-            # DDP's wrapper holds the process group from within reference cycles: freed now, while the interpreter
-            # is whole, not at its exit, where gloo's threads meet it and abort the process (1 torchrun in 16)
+            # DDP's wrapper holds the group in reference cycles: freed now, not at exit, where gloo aborts (1 run in 16)
             gc.collect()
             dist.destroy_process_group()
     # a process that found nothing to train, every run it did not find finished being another's, was not needed
