@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import csv
 import fcntl
+import functools
 import glob
 import io
 import json
@@ -23,7 +24,7 @@ import math
 import os
 import re
 import statistics
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, astuple, dataclass, replace
 
 import numpy as np
 import torch
@@ -399,9 +400,16 @@ def executed_flops(record):
 
 def plain_flops_per_token(config):
     """Training FLOPs per token of AB, the plain model with the same layers, width and context as config."""
+    return flops_per_token(astuple(replace(config, signature="AB", p_skip=0.0, adapters=False, share_kv=False)))
+
+@functools.cache  # a report asks for every run's, and each meta model takes about 20 ms to build
+def flops_per_token(config_fields):
+    """Training FLOPs per token of the model of GPTConfig(*config_fields) (a tuple, so that it can be cached)."""
+    config = GPTConfig(*config_fields)
     with torch.device("meta"):
-        model = GPT(replace(config, signature="AB", p_skip=0.0, adapters=False, share_kv=False))
+        model = GPT(config)
     return rins.cost_per_token(model, "flops", config.block_size)
+
 
 def result_rows(records, baseline):
     """One row per run x eval depth (results.csv), with the effective-compute ratio against the
