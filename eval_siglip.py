@@ -33,9 +33,7 @@ that plateau after far fewer examples than batches of 256.
 """
 
 import argparse
-import csv
 import gzip
-import io
 import json
 import math
 import os
@@ -51,7 +49,7 @@ from tqdm import tqdm
 
 import rins
 from data.prepare import gpt2_encoding, write_atomic
-from report import DPI, LAYOUT_STYLES, OTHER_STYLE, WIDTH, layout_name, short
+from report import DPI, LAYOUT_STYLES, OTHER_STYLE, WIDTH, layout_name, short, write_csv
 
 # -----------------------------------------------------------------------------
 # Captions. Zero-shot must not see the training sentences, so the two template sets are disjoint.
@@ -469,13 +467,6 @@ def format_table(summary, chance):
             lines.append(f"{variant:<16}{one['mean']:>11.3f} ± {one['std']:.3f}"
                          f"{full['mean']:>11.3f} ± {full['std']:.3f}{full['seeds']:>7}")
     return "\n".join(lines)
-
-def write_csv(rows, path):
-    table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, table.getvalue().encode())
 
 # what each panel measures, in words: (task, metric) -> title
 PANEL_TITLES = {("siglip", "zs_test"): "zero-shot, test images", ("control", "acc_test"): "vision-only classifier",

@@ -410,7 +410,6 @@ def flops_per_token(config_fields):
         model = GPT(config)
     return rins.cost_per_token(model, "flops", config.block_size)
 
-
 def result_rows(records, baseline):
     """One row per run x eval depth (results.csv), with the effective-compute ratio against the
     baseline variant's final losses (mean over seeds) where it was run at two budgets or more: in the
@@ -607,11 +606,8 @@ def write_results(folder, plot_path, named_baseline, borrowed=()):
     with folder_lock(folder):
         records = select_runs([*borrowed, *read_runs(folder)], Selection([], [], []), named_baseline, folder)
         baseline = named_baseline or BASELINE
-        rows, fits, table = result_rows(records, baseline), budget_fits(records), io.StringIO()
-        writer = csv.DictWriter(table, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-        write_atomic(os.path.join(folder, "results.csv"), table.getvalue().encode())
+        rows, fits = result_rows(records, baseline), budget_fits(records)
+        write_csv(rows, os.path.join(folder, "results.csv"))
         fits_path = os.path.join(folder, "budget_fits.json")
         if fits:
             write_atomic(fits_path, json.dumps(fits, indent=1).encode())
@@ -619,6 +615,14 @@ def write_results(folder, plot_path, named_baseline, borrowed=()):
             os.remove(fits_path)
         plot_report(records, rows, baseline, plot_path or os.path.join(folder, "loss_vs_cost.png"))
     return records, fits
+
+def write_csv(rows, path):
+    """rows (dicts with the same keys) as a CSV file with a header, written whole or not at all."""
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, table.getvalue().encode())
 
 @contextlib.contextmanager
 def folder_lock(folder):
